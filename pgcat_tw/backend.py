@@ -1,0 +1,405 @@
+"""One connection to a PostgreSQL server.
+
+Phases (``self.dataReceived`` is swapped per phase, no per-message branching):
+
+login     StartupMessage, authentication (trust, cleartext, md5, SCRAM-SHA-256),
+          ParameterStatus/BackendKeyData capture, until ReadyForQuery.
+idle      in its pool; anything but async notices here means trouble.
+relay     bound to a client: chunks are scanned and forwarded (relay.py).
+internal  the pooler's own queries (parameter sync, reset, rollback).
+
+The connection never imports the pool: it reports its death through
+``self.pool.connection_lost(self)`` and its owner (a bound client) through
+``client.server_lost(self, reason)``.
+"""
+
+import socket
+
+from twisted.internet import defer
+from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+
+from pgcat_tw.auth import md5 as md5_auth
+from pgcat_tw.auth.scram import ScramClientExchange
+from pgcat_tw.errors import PgError, ServerConnectionFailed, ServerError
+from pgcat_tw.protocol import codes
+from pgcat_tw.protocol import messages as m
+from pgcat_tw.protocol.framing import FramingError, MessageBuffer
+from pgcat_tw.relay import ServerScanner, writer_for
+
+log = Logger()
+
+
+class QueryResult:
+    __slots__ = ("columns", "rows", "tag", "error")
+
+    def __init__(self):
+        self.columns = []
+        self.rows = []
+        self.tag = None
+        self.error = None  # dict of ErrorResponse fields
+
+
+def set_keepalive(transport, idle=5, interval=5, count=5, user_timeout_ms=0):
+    """TCP_NODELAY plus the keepalive settings PgCat applies to every socket."""
+    try:
+        transport.setTcpNoDelay(True)
+    except Exception:  # noqa: BLE001 - not a TCP transport (tests)
+        return
+    sock = getattr(transport, "socket", None)
+    if sock is None:
+        return
+    try:
+        if idle:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+        if user_timeout_ms and hasattr(socket, "TCP_USER_TIMEOUT"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, user_timeout_ms)
+    except OSError:
+        pass
+
+
+class ServerConnection(Protocol):
+    def __init__(self, reactor, host, port, user, password, database, extra_params=None):
+        self.reactor = reactor
+        self.host = host
+        self.port = port
+        self.user = user
+        self._password = password
+        self.database = database
+        self._extra = extra_params or {}
+        self.ready = defer.Deferred(self._cancel_login)
+        self._buf = MessageBuffer()
+        self.scanner = ServerScanner()
+        self.params = self.scanner.params
+        self.pid = 0
+        self.secret = 0
+        self.pool = None
+        self.client = None            # bound ClientProtocol
+        self._write_client = None
+        self.created_at = reactor.seconds()
+        self.last_used = self.created_at
+        self.state = "login"
+        self._scram = None
+        self._iq = None               # running internal query
+        self.closed = False
+        self.lost_reason = None
+        self.keepalive = (5, 5, 5, 0)
+        self.dataReceived = self._login_data
+
+    def __repr__(self):
+        return f"<ServerConnection {self.user}@{self.host}:{self.port}/{self.database} pid={self.pid} {self.state}>"
+
+    # --- login --------------------------------------------------------------
+
+    def connectionMade(self):
+        set_keepalive(self.transport, *self.keepalive)
+        params = {"user": self.user, "database": self.database}
+        params.update(self._extra)
+        self.transport.write(m.startup_message(params))
+
+    def _cancel_login(self, d):
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def _login_failed(self, err):
+        self.state = "failed"
+        if not self.ready.called:
+            self.ready.errback(err)
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def _login_data(self, data):
+        self._buf.feed(data)
+        try:
+            while True:
+                msg = self._buf.next_message()
+                if msg is None:
+                    return
+                t, body = msg
+                if t == codes.B_AUTHENTICATION:
+                    self._on_auth(body)
+                elif t == codes.B_PARAMETER_STATUS:
+                    name, value = m.parse_parameter_status(body)
+                    self.params[name] = value
+                elif t == codes.B_BACKEND_KEY_DATA:
+                    self.pid, self.secret = m._I32_PAIR.unpack_from(body, 0)
+                elif t == codes.B_ERROR:
+                    fields = m.parse_error_fields(body)
+                    self._login_failed(ServerConnectionFailed(
+                        f"server {self.host}:{self.port} refused login for user "
+                        f"\"{self.user}\": {fields.get('M', 'error')}",
+                        sqlstate=fields.get("C", "08006"),
+                    ))
+                    return
+                elif t == codes.B_READY_FOR_QUERY:
+                    self.scanner.tx_status = body[0]
+                    self.state = "idle"
+                    self.dataReceived = self._idle_data
+                    rest = self._buf.take_rest()
+                    self.ready.callback(self)
+                    if rest:
+                        self.dataReceived(rest)
+                    return
+                # NoticeResponse, NegotiateProtocolVersion: nothing to do
+        except (FramingError, ValueError, KeyError) as e:
+            self._login_failed(ServerConnectionFailed(
+                f"server {self.host}:{self.port}: protocol error during login: {e}"))
+        except Exception as e:  # scramp errors, bad server signature...
+            self._login_failed(ServerConnectionFailed(
+                f"server {self.host}:{self.port}: authentication failed: {e}"))
+
+    def _on_auth(self, body):
+        (code,) = m._I32.unpack_from(body, 0)
+        password = self._password
+        if code == codes.AUTH_OK:
+            return
+        if code in (codes.AUTH_CLEARTEXT, codes.AUTH_MD5, codes.AUTH_SASL) and password is None:
+            raise ValueError(f"server asks for a password but none is configured for user \"{self.user}\"")
+        if code == codes.AUTH_CLEARTEXT:
+            if md5_auth.is_md5_secret(password):
+                raise ValueError("server asks for a cleartext password but only an md5 secret is configured")
+            self.transport.write(m.password_message(m.cstr(password)))
+        elif code == codes.AUTH_MD5:
+            self.transport.write(m.password_message(
+                md5_auth.client_response(self.user, password, body[4:8])[:-1] + b"\x00"))
+        elif code == codes.AUTH_SASL:
+            self._scram = ScramClientExchange(self.user, password)
+            mech, first = self._scram.start(m.parse_sasl_mechanisms(body[4:]))
+            self.transport.write(m.sasl_initial_response(mech, first))
+        elif code == codes.AUTH_SASL_CONTINUE:
+            self.transport.write(m.sasl_response(self._scram.server_first(body[4:])))
+        elif code == codes.AUTH_SASL_FINAL:
+            self._scram.server_final(body[4:])
+        else:
+            raise ValueError(f"unsupported authentication method {code} requested by server")
+
+    # --- idle -----------------------------------------------------------------
+
+    def _idle_data(self, data):
+        # Only asynchronous messages may arrive here (NOTICE, ParameterStatus,
+        # or an ErrorResponse before the server closes the connection).
+        self._buf.feed(data)
+        try:
+            while True:
+                msg = self._buf.next_message()
+                if msg is None:
+                    return
+                t, body = msg
+                if t == codes.B_PARAMETER_STATUS:
+                    name, value = m.parse_parameter_status(body)
+                    self.params[name] = value
+                elif t == codes.B_ERROR:
+                    fields = m.parse_error_fields(body)
+                    log.warn("server {host}:{port} pid {pid} error while idle: {msg}",
+                             host=self.host, port=self.port, pid=self.pid, msg=fields.get("M"))
+                    self.close()
+                    return
+        except FramingError:
+            self.close()
+
+    # --- relay ------------------------------------------------------------------
+
+    def bind(self, client, client_scanner):
+        """Attach to a client: from now on every chunk goes to it."""
+        self.client = client
+        self.scanner.client = client_scanner
+        self._write_client = writer_for(client.transport)
+        self._client_transport = client.transport
+        self.state = "active"
+        self.dataReceived = self._relay_data
+        client.transport.registerProducer(self.transport, True)
+
+    def unbind(self):
+        client = self.client
+        self.client = None
+        self.scanner.client = None
+        self._write_client = None
+        if client is not None and client.transport is not None:
+            try:
+                client.transport.unregisterProducer()
+            except Exception:  # noqa: BLE001
+                pass
+        self._client_transport = None
+        if self.transport is not None:
+            self.transport.resumeProducing()
+        self.state = "idle"
+        self.dataReceived = self._idle_data
+
+    def _relay_data(self, data):
+        sc = self.scanner
+        try:
+            sc.feed(data)
+        except FramingError as e:
+            log.error("server {host}:{port} sent a malformed message: {e}", host=self.host,
+                      port=self.port, e=e)
+            self.close()
+            return
+        self._write_client(self._client_transport, data)
+        if sc.rfq:
+            sc.rfq = False
+            self.client.server_ready(self)
+
+    # --- internal queries ---------------------------------------------------------
+
+    def run(self, queries, timeout=None):
+        """Run simple queries as the pooler (not bound to a client). Fires
+        with a list of QueryResult, one per query; fails with
+        ServerConnectionFailed if the connection dies or times out."""
+        assert self._iq is None, "internal query already running"
+        d = defer.Deferred()
+        results = [QueryResult() for _ in queries]
+        self._iq = [d, results, 0]
+        self.state = "internal"
+        self.dataReceived = self._internal_data
+        self.transport.write(b"".join(m.query(q) for q in queries))
+        if timeout:
+            d.addTimeout(timeout, self.reactor, onTimeoutCancel=self._iq_timeout)
+        return d
+
+    def _iq_timeout(self, result, timeout):
+        self.close()
+        return ServerConnectionFailed(
+            f"server {self.host}:{self.port}: no answer within {timeout:.3g} s")
+
+    def _internal_data(self, data):
+        self._buf.feed(data)
+        iq = self._iq
+        if iq is None:
+            return
+        d, results, i = iq
+        try:
+            while True:
+                msg = self._buf.next_message()
+                if msg is None:
+                    iq[2] = i
+                    return
+                t, body = msg
+                if i >= len(results):
+                    continue
+                r = results[i]
+                if t == codes.B_DATA_ROW:
+                    r.rows.append(_decode_row(body))
+                elif t == codes.B_ROW_DESCRIPTION:
+                    r.columns = _decode_columns(body)
+                elif t == codes.B_COMMAND_COMPLETE:
+                    r.tag = body[:-1].decode("utf-8", "replace")
+                elif t == codes.B_ERROR:
+                    r.error = m.parse_error_fields(body)
+                    self.scanner.errors += 1
+                elif t == codes.B_PARAMETER_STATUS:
+                    name, value = m.parse_parameter_status(body)
+                    self.params[name] = value
+                elif t == codes.B_READY_FOR_QUERY:
+                    self.scanner.tx_status = body[0]
+                    i += 1
+                    if i == len(results):
+                        self._iq = None
+                        self.state = "idle"
+                        self.dataReceived = self._idle_data
+                        rest = self._buf.take_rest()
+                        d.callback(results)
+                        if rest and self._iq is None and self.dataReceived == self._idle_data:
+                            self._idle_data(rest)
+                        return
+        except FramingError as e:
+            self._iq = None
+            self.close()
+            d.errback(ServerConnectionFailed(f"server {self.host}:{self.port}: {e}"))
+
+    # --- end ----------------------------------------------------------------------
+
+    def close(self):
+        if self.closed:
+            return
+        self.closed = True
+        if self.transport is not None:
+            if self.state in ("idle",) and self.transport.connected:
+                self.transport.write(m.TERMINATE)
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason):
+        self.closed = True
+        self.lost_reason = reason
+        prev = self.state
+        self.state = "closed"
+        if prev == "login" or not self.ready.called:
+            if not self.ready.called:
+                self.ready.errback(ServerConnectionFailed(
+                    f"server {self.host}:{self.port} closed the connection during login: "
+                    f"{reason.getErrorMessage()}"))
+            return
+        if self._iq is not None:
+            d = self._iq[0]
+            self._iq = None
+            if not d.called:
+                d.errback(ServerConnectionFailed(
+                    f"server {self.host}:{self.port} closed the connection"))
+        client = self.client
+        if client is not None:
+            self.unbind_quietly()
+            client.server_lost(self)
+        if self.pool is not None:
+            self.pool.connection_lost(self)
+
+    def unbind_quietly(self):
+        self.client = None
+        self.scanner.client = None
+        self.dataReceived = self._idle_data
+
+
+def _decode_row(body):
+    (n,) = m.struct.unpack_from("!h", body, 0)
+    pos = 2
+    row = []
+    for _ in range(n):
+        (ln,) = m._I32.unpack_from(body, pos)
+        pos += 4
+        if ln < 0:
+            row.append(None)
+        else:
+            row.append(body[pos:pos + ln].decode("utf-8", "replace"))
+            pos += ln
+    return tuple(row)
+
+
+def _decode_columns(body):
+    (n,) = m.struct.unpack_from("!h", body, 0)
+    pos = 2
+    cols = []
+    for _ in range(n):
+        end = body.index(b"\x00", pos)
+        cols.append(body[pos:end].decode("utf-8", "replace"))
+        pos = end + 1 + 18
+    return cols
+
+
+def connect(reactor, host, port, user, password, database, timeout, extra_params=None,
+            keepalive=None):
+    """Connect and log in; fires with a ready ServerConnection."""
+    proto = ServerConnection(reactor, host, port, user, password, database, extra_params)
+    if keepalive is not None:
+        proto.keepalive = keepalive
+    endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
+    d = connectProtocol(endpoint, proto)
+
+    def connected(_):
+        return proto.ready
+
+    def failed(f):
+        if f.check(defer.CancelledError, defer.TimeoutError):
+            raise ServerConnectionFailed(
+                f"could not connect to server {host}:{port}: timed out after {timeout:.3g} s")
+        if f.check(PgError):
+            return f
+        raise ServerConnectionFailed(
+            f"could not connect to server {host}:{port}: {f.getErrorMessage()}")
+
+    d.addCallback(connected)
+    d.addTimeout(timeout, reactor)
+    d.addErrback(failed)
+    return d

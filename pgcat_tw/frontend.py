@@ -1,0 +1,558 @@
+"""The client side: one ClientProtocol per application connection.
+
+Startup phase: SSLRequest / GSSENCRequest (answered 'N'), CancelRequest,
+StartupMessage 3.0 (NegotiateProtocolVersion for newer minors and ``_pq_``
+options), then authentication and the greeting (ParameterStatus taken from
+a real server connection of the pool, the pooler's own BackendKeyData).
+
+Work phase: every chunk the client sends is scanned (relay.ClientScanner)
+and, when a server is bound, forwarded to it verbatim. Without a server the
+chunk is held, the client transport is paused and a server is checked out:
+synchronously when one is idle, through the pool's Deferred otherwise.
+In transaction mode the server goes back to the pool at the first
+ReadyForQuery 'I' that leaves no request of the client unanswered; in
+session mode at disconnect, after ``DISCARD ALL``.
+"""
+
+import os
+
+from twisted.internet import defer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from pgcat_tw.auth import md5 as md5_auth
+from pgcat_tw.backend import set_keepalive
+from pgcat_tw.cancel import forward_cancel
+from pgcat_tw.cluster import set_parameter_sql
+from pgcat_tw.errors import (
+    AuthenticationFailed,
+    InvalidAuthorization,
+    PgError,
+    ProtocolViolation,
+    ServerConnectionFailed,
+    UnknownDatabase,
+)
+from pgcat_tw.protocol import codes
+from pgcat_tw.protocol import messages as m
+from pgcat_tw.protocol.framing import FramingError, MessageBuffer
+from pgcat_tw.relay import TRACKED_PARAMETERS, ClientScanner, writer_for
+
+log = Logger()
+
+LOGIN_TIMEOUT = 60.0     # seconds a client may take to log in (PgBouncer's default)
+RESET_TIMEOUT = 10.0     # seconds for ROLLBACK / DISCARD ALL before the server is closed
+_TRACKED = frozenset(TRACKED_PARAMETERS)
+_ADMIN_DATABASES = ("pgcat", "pgbouncer")
+
+
+class ClientFactory(Factory):
+    def __init__(self, reactor, get_cluster, cancel_keys):
+        self.reactor = reactor
+        self.get_cluster = get_cluster  # callable: the Cluster in force now
+        self.cancel_keys = cancel_keys
+        self.clients = set()
+
+    def buildProtocol(self, addr):
+        p = ClientProtocol(self)
+        p.peer = addr
+        return p
+
+
+class ClientProtocol(Protocol):
+    peer = None
+
+    def __init__(self, factory):
+        self.factory = factory
+        self.reactor = factory.reactor
+        self._buf = MessageBuffer()
+        self.user = None
+        self.database = None
+        self.user_pool = None
+        self.transaction_mode = True
+        self.params = {}
+        self.startup_params = {}
+        self.key = None
+        self.server = None
+        self._server_transport = None
+        self._write_server = None
+        self.scanner = None
+        self._held = []
+        self._waiting = None          # checkout Deferred while waiting
+        self._checking_out = False
+        self._login_timer = None
+        self._closing = False
+        self.connected_at = self.reactor.seconds()
+        self.dataReceived = self._startup_data
+
+    # --- connection -----------------------------------------------------------
+
+    def connectionMade(self):
+        self.factory.clients.add(self)
+        g = self.factory.get_cluster().config.general
+        set_keepalive(self.transport, g.tcp_keepalives_idle, g.tcp_keepalives_interval,
+                      g.tcp_keepalives_count, g.tcp_user_timeout)
+        self._login_timer = self.reactor.callLater(LOGIN_TIMEOUT, self._login_timeout)
+
+    def _login_timeout(self):
+        self._login_timer = None
+        self._fatal(ProtocolViolation("login timeout: no complete startup and authentication "
+                                      f"within {LOGIN_TIMEOUT:.0f} s", sqlstate="08P01"))
+
+    def _send_error(self, err):
+        if self.transport is not None and not self._closing:
+            self.transport.write(err.to_message())
+
+    def _fatal(self, err):
+        """Tell the client (FATAL) and close."""
+        if self._closing:
+            return
+        if err.severity not in ("FATAL", "PANIC"):
+            err.severity = "FATAL"
+        self._send_error(err)
+        self._closing = True
+        self.transport.loseConnection()
+
+    # --- startup phase ------------------------------------------------------------
+
+    def _startup_data(self, data):
+        self._buf.feed(data)
+        try:
+            while self.dataReceived == self._startup_data and not self._closing:
+                body = self._buf.next_startup()
+                if body is None:
+                    return
+                self._on_startup_packet(body)
+        except FramingError as e:
+            self._fatal(ProtocolViolation(f"invalid startup packet: {e.message}"))
+        except ValueError as e:
+            self._fatal(ProtocolViolation(f"invalid startup packet: {e}"))
+
+    def _on_startup_packet(self, body):
+        if len(body) < 4:
+            raise ValueError("too short")
+        (code,) = m._I32.unpack_from(body, 0)
+        if code in (codes.SSL_REQUEST, codes.GSSENC_REQUEST):
+            if len(body) != 4:
+                raise ValueError("SSLRequest/GSSENCRequest with a payload")
+            if len(self._buf):
+                # Bytes pipelined after the request before our answer.
+                self._fatal(ProtocolViolation(
+                    "received unencrypted data after SSL or GSSAPI encryption request"))
+                return
+            self.transport.write(b"N")
+            return
+        if code == codes.CANCEL_REQUEST:
+            if len(body) != 12:
+                raise ValueError("CancelRequest of the wrong length")
+            pid, secret = m._I32_PAIR.unpack_from(body, 4)
+            self._on_cancel(pid, secret)
+            self._closing = True
+            self.transport.loseConnection()
+            return
+        major, minor = code >> 16, code & 0xFFFF
+        if major != 3:
+            self._fatal(ProtocolViolation(
+                f"unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.0"))
+            return
+        params = m.parse_startup_params(body[4:])
+        unknown_opts = [k for k in params if k.startswith("_pq_.")]
+        if minor > 0 or unknown_opts:
+            # Offer 3.0 and decline protocol extensions (the client decides).
+            payload = (m._I32.pack(codes.PROTOCOL_3_0) + m._I32.pack(len(unknown_opts))
+                       + b"".join(m.cstr(o) for o in unknown_opts))
+            self.transport.write(m._msg(b"v", payload))
+            for o in unknown_opts:
+                del params[o]
+        self._on_startup(params)
+
+    def _on_cancel(self, pid, secret):
+        client = self.factory.cancel_keys.lookup(pid, secret)
+        if client is None:
+            return
+        server = client.server
+        if server is None:
+            return
+        forward_cancel(self.reactor, server.host, server.port, server.pid, server.secret)
+
+    def _on_startup(self, params):
+        user = params.get("user")
+        if not user:
+            self._fatal(InvalidAuthorization("no PostgreSQL user name specified in startup packet"))
+            return
+        database = params.get("database") or user
+        self.user, self.database, self.startup_params = user, database, params
+        cluster = self.factory.get_cluster()
+        if cluster.config.general.log_client_connections:
+            log.info("client connected: user={user} database={database} peer={peer}",
+                     user=user, database=database, peer=str(self.peer))
+        pool_cfg, user_cfg, user_pool = cluster.find(database, user)
+        if pool_cfg is None:
+            if database in _ADMIN_DATABASES:
+                self._fatal(UnknownDatabase(
+                    f'the admin database "{database}" is not available in this version'))
+            else:
+                self._fatal(UnknownDatabase(f'no pool configured for database "{database}"'))
+            return
+        if user_cfg is None:
+            self._fatal(InvalidAuthorization(
+                f'no user "{user}" configured in pool "{database}"'))
+            return
+        self.user_pool = user_pool
+        self.transaction_mode = user_pool.mode == "transaction"
+        self._user_cfg = user_cfg
+        auth = user_cfg.auth_type
+        if auth == "trust":
+            self._authenticated()
+        elif auth == "md5":
+            self._salt = os.urandom(4)
+            self.transport.write(m.auth_md5(self._salt))
+            self.dataReceived = self._password_data
+            if len(self._buf):
+                self._password_data(b"")
+        else:
+            self._fatal(InvalidAuthorization(
+                f'authentication method "{auth}" for user "{user}" is not supported yet'))
+
+    def _password_data(self, data):
+        self._buf.feed(data)
+        try:
+            msg = self._buf.next_message()
+        except FramingError as e:
+            self._fatal(ProtocolViolation(e.message))
+            return
+        if msg is None:
+            return
+        t, body = msg
+        if t != codes.F_PASSWORD:
+            self._fatal(ProtocolViolation(
+                f"expected password response, got message type {chr(t)!r}"))
+            return
+        password = self._user_cfg.password or ""
+        if not md5_auth.verify(self.user, password, self._salt, body):
+            self._fatal(AuthenticationFailed(
+                f'password authentication failed for user "{self.user}"'))
+            return
+        self._authenticated()
+
+    # --- login ----------------------------------------------------------------------
+
+    def _authenticated(self):
+        self.dataReceived = self._login_wait_data
+        d = self._login()
+        d.addErrback(self._login_failed)
+
+    def _login_wait_data(self, data):
+        # The client may pipeline its first query after the password.
+        self._buf.feed(data)
+
+    def _login_failed(self, failure):
+        err = failure.value
+        if not isinstance(err, PgError):
+            log.failure("login failed", failure)
+            err = ServerConnectionFailed(f"login failed: {failure.getErrorMessage()}")
+        if isinstance(err, ServerConnectionFailed):
+            err = ServerConnectionFailed(
+                f'pool "{self.database}" is down: {err.message}', sqlstate=err.sqlstate)
+        self._fatal(err)
+
+    @defer.inlineCallbacks
+    def _login(self):
+        up = self.user_pool
+        ref = yield up.get_reference_params()
+        if self.transport is None or self._closing:
+            return
+        # The client's tracked values: the pool's unless it sent its own.
+        desired = {k: ref[k] for k in TRACKED_PARAMETERS if k in ref}
+        wanted = {k: v for k, v in self.startup_params.items() if k in _TRACKED}
+        unknown = [(k, v) for k, v in wanted.items()
+                   if v != ref.get(k) and (k, v) not in up.canonical]
+        if unknown:
+            yield self._learn_canonical(unknown)
+            if self.transport is None or self._closing:
+                return
+        for k, v in wanted.items():
+            desired[k] = up.canonical.get((k, v), v)
+        self.params = desired
+        greeting = [m.auth_ok()]
+        for name, value in ref.items():
+            greeting.append(m.parameter_status(name, desired.get(name, value)))
+        self.key = self.factory.cancel_keys.register(self)
+        greeting.append(m.backend_key_data(*self.key))
+        greeting.append(m.READY_IDLE)
+        if self._login_timer is not None and self._login_timer.active():
+            self._login_timer.cancel()
+        self._login_timer = None
+        self.transport.write(b"".join(greeting))
+        self._enter_work_phase()
+
+    @defer.inlineCallbacks
+    def _learn_canonical(self, items):
+        """Apply startup values on a server once to validate them and learn
+        the server's spelling (``utf8`` -> ``UTF8``)."""
+        pool = self.user_pool.server_pool()
+        conn = yield pool.acquire()
+        try:
+            results = yield conn.run([set_parameter_sql(k, v) for k, v in items],
+                                     timeout=RESET_TIMEOUT)
+        except Exception:
+            pool.discard(conn)
+            raise
+        pool.release(conn)
+        for (k, v), r in zip(items, results):
+            if r.error:
+                raise PgError(r.error.get("M", "invalid parameter value"),
+                              sqlstate=r.error.get("C", "22023"), severity="FATAL")
+            self.user_pool.canonical[(k, v)] = conn.params.get(k, v)
+
+    # --- work phase ---------------------------------------------------------------------
+
+    def _enter_work_phase(self):
+        max_len = self.factory.get_cluster().config.general.max_packet_size
+        self.scanner = ClientScanner(max_len)
+        self.scanner.params = self.params
+        self.dataReceived = self._work_data
+        rest = self._buf.take_rest()
+        self._buf = None
+        if rest:
+            self._work_data(rest)
+
+    def _work_data(self, data):
+        sc = self.scanner
+        try:
+            sc.feed(data)
+        except FramingError as e:
+            self._protocol_error(e)
+            return
+        if sc.terminate_at >= 0:
+            self._on_terminate(data)
+            return
+        if self.server is not None:
+            self._write_server(self._server_transport, data)
+            return
+        self._held.append(data)
+        if not self._checking_out:
+            self._checkout()
+
+    def _protocol_error(self, err):
+        # Whatever reached a server so far leaves it in an unknown state.
+        self._fatal(err)
+
+    def _on_terminate(self, data):
+        sc = self.scanner
+        pos = sc.terminate_at
+        sc.terminate_at = -1
+        if pos < 0:
+            # The Terminate header started in the previous chunk, which went
+            # to the server: it holds a partial message now.
+            sc.unsynced = True
+        elif pos > 0:
+            if self.server is not None:
+                self._write_server(self._server_transport, data[:pos])
+            else:
+                self._held.append(data[:pos])
+        self._closing = True
+        self.transport.loseConnection()
+
+    # --- checkout -----------------------------------------------------------------------
+
+    def _checkout(self):
+        self._checking_out = True
+        up = self.user_pool
+        if up.closed:
+            # The configuration was reloaded: use the pool in force now.
+            _, _, fresh = self.factory.get_cluster().find(self.database, self.user)
+            if fresh is not None:
+                self.user_pool = up = fresh
+        pool = up.server_pool()
+        try:
+            r = pool.acquire()
+        except Exception:  # noqa: BLE001
+            self._checkout_failed(Failure())
+            return
+        if isinstance(r, defer.Deferred):
+            self.transport.pauseProducing()
+            self._waiting = r
+            r.addCallbacks(self._got_server, self._checkout_failed)
+        else:
+            self._got_server(r)
+
+    def _got_server(self, server):
+        self._waiting = None
+        if self.transport is None or self._closing or not self.transport.connected:
+            server.pool.release(server)
+            return
+        params = self.params
+        sparams = server.params
+        diff = [(k, v) for k, v in params.items() if sparams.get(k) != v]
+        if diff:
+            d = server.run([set_parameter_sql(k, v) for k, v in diff], timeout=RESET_TIMEOUT)
+            d.addCallbacks(self._params_synced, self._sync_failed,
+                           callbackArgs=(server, diff), errbackArgs=(server,))
+            return
+        self._attach(server)
+
+    def _params_synced(self, results, server, diff):
+        for (k, v), r in zip(diff, results):
+            if r.error:
+                server.pool.release(server)
+                self._checking_out = False
+                self._fail_held(PgError(
+                    f"could not apply {k}={v!r} on the server: {r.error.get('M')}",
+                    sqlstate=r.error.get("C", "22023")))
+                return
+        # Adopt the server's spelling of the values, and tell the client if
+        # it differs from what it was told.
+        news = []
+        for k, v in diff:
+            new = server.params.get(k, v)
+            if new != v:
+                self.params[k] = new
+                news.append(m.parameter_status(k, new))
+        if self.transport is None or self._closing:
+            server.pool.release(server)
+            return
+        if news:
+            self.transport.write(b"".join(news))
+        self._attach(server)
+
+    def _sync_failed(self, failure, server):
+        server.pool.discard(server)
+        self._checking_out = False
+        if self.transport is None or self._closing:
+            return
+        self._checkout_failed(failure)
+
+    def _attach(self, server):
+        self._checking_out = False
+        self.server = server
+        st = server.transport
+        self._server_transport = st
+        self._write_server = writer_for(st)
+        server.bind(self, self.scanner)
+        st.registerProducer(self.transport, True)
+        self.transport.resumeProducing()
+        held = self._held
+        if held:
+            self._held = []
+            self._write_server(st, held[0] if len(held) == 1 else b"".join(held))
+
+    def _checkout_failed(self, failure):
+        self._waiting = None
+        self._checking_out = False
+        if self.transport is None or self._closing:
+            return
+        err = failure.value
+        if not isinstance(err, PgError):
+            err = ServerConnectionFailed(f"could not get a server connection: "
+                                         f"{failure.getErrorMessage()}")
+        log.warn("client {user}@{db}: checkout failed: {err}", user=self.user,
+                 db=self.database, err=err.message)
+        self.transport.resumeProducing()
+        self._fail_held(err)
+
+    def _fail_held(self, err):
+        """Answer every request held for a server with ``err``."""
+        sc = self.scanner
+        self._held = []
+        if sc.unsynced or sc.in_copy_ext or not sc.at_boundary:
+            self._fatal(err)
+            return
+        n = max(sc.pending, 1)
+        sc.pending = 0
+        self.transport.write((err.to_message() + m.READY_IDLE) * n)
+
+    # --- server events --------------------------------------------------------------------
+
+    def server_ready(self, server):
+        """ReadyForQuery arrived from the bound server (already forwarded)."""
+        if self.transaction_mode and server.scanner.tx_status == codes.TX_IDLE \
+                and self.scanner.idle:
+            self._release(server)
+
+    def _release(self, server):
+        self.server = None
+        self._server_transport = None
+        self._write_server = None
+        st = server.transport
+        if st is not None:
+            st.unregisterProducer()
+        server.unbind()
+        self.transport.resumeProducing()
+        pool = server.pool
+        if server.scanner.dirty or self.scanner.named_parse:
+            self.scanner.named_parse = False
+            self._reset_then_release(server, ["DISCARD ALL"])
+        else:
+            pool.release(server)
+
+    def server_lost(self, server):
+        """The bound server connection died."""
+        self.server = None
+        self._server_transport = None
+        if self.transport is None or self._closing:
+            return
+        if server.scanner.at_boundary:
+            self._send_error(ServerConnectionFailed(
+                f"server connection to {server.host}:{server.port} was lost",
+                severity="FATAL"))
+        self._closing = True
+        self.transport.loseConnection()
+
+    # --- disconnect -------------------------------------------------------------------------
+
+    def connectionLost(self, reason):
+        self.factory.clients.discard(self)
+        if self._login_timer is not None and self._login_timer.active():
+            self._login_timer.cancel()
+        if self.key is not None:
+            self.factory.cancel_keys.unregister(self.key)
+        if self._waiting is not None:
+            d, self._waiting = self._waiting, None
+            d.cancel()
+        server = self.server
+        if server is not None:
+            self.server = None
+            self._cleanup_server(server)
+        if self.user is not None and self.factory.get_cluster().config.general.log_client_disconnections:
+            log.info("client disconnected: user={user} database={database}",
+                     user=self.user, database=self.database)
+
+    def _cleanup_server(self, server):
+        """The client left while bound: roll back or reset, or close the
+        server if it may be mid-answer."""
+        st = server.transport
+        if st is not None:
+            st.unregisterProducer()
+        server.unbind()
+        sc = self.scanner
+        ss = server.scanner
+        if not (ss.at_boundary and sc.at_boundary and sc.pending <= 0 and not sc.unsynced
+                and not sc.in_copy_ext):
+            server.pool.discard(server)
+            return
+        queries = []
+        if ss.tx_status != codes.TX_IDLE:
+            queries.append("ROLLBACK")
+        if not self.transaction_mode or ss.dirty or sc.named_parse:
+            queries.append("DISCARD ALL")
+        if queries:
+            self._reset_then_release(server, queries)
+        else:
+            server.pool.release(server)
+
+    def _reset_then_release(self, server, queries):
+        pool = server.pool
+        d = server.run(queries, timeout=RESET_TIMEOUT)
+
+        def done(results):
+            if any(r.error for r in results) or server.scanner.tx_status != codes.TX_IDLE:
+                pool.discard(server)
+            else:
+                server.scanner.dirty = False
+                pool.release(server)
+
+        def failed(f):
+            pool.discard(server)
+
+        d.addCallbacks(done, failed)

@@ -1,0 +1,232 @@
+"""Server connection pool for one (pool, user, server address).
+
+``acquire()`` returns an idle connection synchronously when there is one,
+otherwise a Deferred that fires with a connection (or fails with PoolTimeout
+after connect_timeout, or ServerConnectionFailed when a connect attempt made
+for it failed). Waiters are served FIFO. ``release()`` takes back a clean
+connection; ``discard()`` closes one. ``reap(now)`` is called by the janitor
+tick and applies idle_timeout, server_lifetime and min_pool_size.
+
+The pool knows nothing about sockets: it gets a ``connect()`` callable that
+returns a Deferred firing with a logged-in connection object. A connection
+object needs: ``close()``, ``created_at``, ``last_used`` and a settable
+``pool`` attribute; it reports its own death with ``pool.connection_lost(conn)``.
+"""
+
+from collections import deque
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from pgcat_tw.errors import PoolTimeout, ServerConnectionFailed
+
+log = Logger()
+
+
+class _Waiter:
+    __slots__ = ("deferred", "timer", "since")
+
+    def __init__(self):
+        self.deferred = None
+        self.timer = None
+        self.since = 0.0
+
+
+class ConnectionPool:
+    def __init__(self, reactor, name, connect, pool_size, min_pool_size=0,
+                 connect_timeout=1.0, idle_timeout=600.0, server_lifetime=3600.0,
+                 round_robin=True):
+        self.reactor = reactor
+        self.name = name  # for messages, e.g. 'pool "app" user "bob" at 127.0.0.1:5432'
+        self._connect = connect
+        self.pool_size = pool_size
+        self.min_pool_size = min_pool_size
+        self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
+        self.server_lifetime = server_lifetime
+        self.round_robin = round_robin  # FIFO reuse of idle connections (PgCat default)
+        self.idle = deque()
+        self.waiters = deque()
+        self.busy = set()
+        self.connecting = 0
+        self.closed = False
+        self.last_connect_error = None
+        self.on_new_connection = None  # callback(conn) after each successful login
+
+    # --- counts ---------------------------------------------------------------
+
+    @property
+    def total(self):
+        return len(self.idle) + len(self.busy) + self.connecting
+
+    def maxwait(self):
+        """Seconds the oldest waiter has been waiting."""
+        if not self.waiters:
+            return 0.0
+        return self.reactor.seconds() - self.waiters[0].since
+
+    # --- checkout / checkin ---------------------------------------------------
+
+    def acquire(self):
+        if self.closed:
+            return defer.fail(ServerConnectionFailed(f"{self.name}: pool is closed"))
+        idle = self.idle
+        if idle and not self.waiters:
+            conn = idle.popleft() if self.round_robin else idle.pop()
+            self.busy.add(conn)
+            return conn
+        w = _Waiter()
+        w.since = self.reactor.seconds()
+        w.deferred = defer.Deferred(lambda d, w=w: self._cancel_waiter(w))
+        w.timer = self.reactor.callLater(self.connect_timeout, self._waiter_timeout, w)
+        self.waiters.append(w)
+        self._maybe_connect()
+        return w.deferred
+
+    def release(self, conn):
+        """Take back a clean, idle connection."""
+        if conn not in self.busy:
+            return
+        self.busy.discard(conn)
+        if getattr(conn, "closed", False):
+            self._maybe_connect()
+            return
+        if self.closed:
+            conn.close()
+            return
+        conn.last_used = self.reactor.seconds()
+        if self.server_lifetime and conn.last_used - conn.created_at >= self.server_lifetime \
+                and not self.waiters:
+            conn.close()
+            self._maybe_connect()
+            return
+        self._hand_out(conn)
+
+    def discard(self, conn):
+        """Close a connection that must not be reused (dirty, broken)."""
+        self._forget(conn)
+        conn.close()
+        self._maybe_connect()
+
+    def connection_lost(self, conn):
+        self._forget(conn)
+        self._maybe_connect()
+
+    def _forget(self, conn):
+        self.busy.discard(conn)
+        try:
+            self.idle.remove(conn)
+        except ValueError:
+            pass
+
+    def _hand_out(self, conn):
+        while self.waiters:
+            w = self.waiters.popleft()
+            w.timer.cancel()
+            self.busy.add(conn)
+            w.deferred.callback(conn)
+            return
+        self.idle.append(conn)
+
+    # --- waiters --------------------------------------------------------------
+
+    def _cancel_waiter(self, w):
+        try:
+            self.waiters.remove(w)
+        except ValueError:
+            pass
+        if w.timer.active():
+            w.timer.cancel()
+
+    def _waiter_timeout(self, w):
+        try:
+            self.waiters.remove(w)
+        except ValueError:
+            return
+        if self.last_connect_error is not None and not self.busy and not self.idle:
+            err = ServerConnectionFailed(
+                f"{self.name}: no server connection could be made within "
+                f"{self.connect_timeout * 1000:.0f} ms: {self.last_connect_error}"
+            )
+        else:
+            err = PoolTimeout(
+                f"{self.name}: no server connection became free within connect_timeout "
+                f"({self.connect_timeout * 1000:.0f} ms); all {self.pool_size} "
+                f"connections of the pool are in use (pool exhausted)",
+                hint="raise pool_size or connect_timeout, or make transactions shorter",
+            )
+        w.deferred.errback(err)
+
+    # --- growth -----------------------------------------------------------------
+
+    def _maybe_connect(self):
+        if self.closed:
+            return
+        while len(self.waiters) > self.connecting and self.total < self.pool_size:
+            self._start_connect()
+
+    def _start_connect(self):
+        self.connecting += 1
+        d = defer.maybeDeferred(self._connect)
+        d.addCallbacks(self._connected, self._connect_failed)
+
+    def _connected(self, conn):
+        self.connecting -= 1
+        self.last_connect_error = None
+        conn.pool = self
+        if self.closed:
+            conn.close()
+            return
+        if self.on_new_connection is not None:
+            self.on_new_connection(conn)
+        self._hand_out(conn)
+
+    def _connect_failed(self, failure):
+        self.connecting -= 1
+        reason = failure.value
+        msg = getattr(reason, "message", None) or str(reason) or reason.__class__.__name__
+        self.last_connect_error = msg
+        log.warn("{pool}: server connection failed: {reason}", pool=self.name, reason=msg)
+        # The oldest waiter beyond what the remaining attempts can serve learns
+        # why at once instead of waiting for its timeout.
+        if len(self.waiters) > self.connecting and not self.idle:
+            w = self.waiters.popleft()
+            w.timer.cancel()
+            if isinstance(reason, ServerConnectionFailed) or getattr(reason, "sqlstate", None):
+                err = reason
+            else:
+                err = ServerConnectionFailed(f"{self.name}: could not connect to server: {msg}")
+            w.deferred.errback(err)
+
+    # --- janitor ------------------------------------------------------------------
+
+    def reap(self, now):
+        """Close idle connections past idle_timeout / server_lifetime and keep
+        min_pool_size connections open. Returns the number closed."""
+        closed = 0
+        keep = deque()
+        open_count = self.total
+        while self.idle:
+            conn = self.idle.popleft()
+            too_old = self.server_lifetime and now - conn.created_at >= self.server_lifetime
+            too_idle = (self.idle_timeout and now - conn.last_used >= self.idle_timeout
+                        and open_count - closed > self.min_pool_size)
+            if too_old or too_idle:
+                conn.close()
+                closed += 1
+            else:
+                keep.append(conn)
+        self.idle = keep
+        if not self.closed:
+            while self.total < min(self.min_pool_size, self.pool_size):
+                self._start_connect()
+        return closed
+
+    def close(self):
+        self.closed = True
+        while self.waiters:
+            w = self.waiters.popleft()
+            w.timer.cancel()
+            w.deferred.errback(ServerConnectionFailed(f"{self.name}: pool is closed"))
+        while self.idle:
+            self.idle.popleft().close()

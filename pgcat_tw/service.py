@@ -1,0 +1,81 @@
+"""Wires the listener, the janitor and reload into one MultiService."""
+
+import signal
+
+from twisted.application import service, strports
+from twisted.logger import Logger
+
+from pgcat_tw.cancel import CancelKeys
+from pgcat_tw.cluster import Cluster
+from pgcat_tw.config import ConfigError, load
+from pgcat_tw.frontend import ClientFactory
+from pgcat_tw.janitor import Janitor
+
+log = Logger()
+
+
+def listen_description(general):
+    host = general.host.replace(":", "\\:")
+    return f"tcp:{general.port}:interface={host}"
+
+
+class PgCatService(service.MultiService):
+    def __init__(self, reactor, config, config_path=None, warnings=()):
+        service.MultiService.__init__(self)
+        self.reactor = reactor
+        self.config_path = config_path
+        self.cluster = Cluster(reactor, config)
+        self.cancel_keys = CancelKeys()
+        self.factory = ClientFactory(reactor, lambda: self.cluster, self.cancel_keys)
+        self.listener = strports.service(listen_description(config.general), self.factory,
+                                         reactor=reactor)
+        self.listener.setServiceParent(self)
+        self.janitor = Janitor(reactor, lambda: self.cluster)
+        self.janitor.setServiceParent(self)
+        self._warnings = list(warnings)
+
+    @property
+    def config(self):
+        return self.cluster.config
+
+    def startService(self):
+        for w in self._warnings:
+            log.warn("config: {warning}", warning=w)
+        service.MultiService.startService(self)
+        log.info("pgcat_tw listening on {host}:{port} with {n} pool(s)",
+                 host=self.config.general.host, port=self.config.general.port,
+                 n=len(self.config.pools))
+
+    def stopService(self):
+        d = service.MultiService.stopService(self)
+        self.cluster.close()
+        for client in list(self.factory.clients):
+            if client.transport is not None:
+                client.transport.loseConnection()
+        return d
+
+    def reload(self):
+        """Re-read the config file; on any error keep the config in force."""
+        if not self.config_path:
+            return False
+        try:
+            config, warnings = load(self.config_path)
+        except ConfigError as e:
+            log.error("reload failed, keeping the current configuration: {error}", error=str(e))
+            return False
+        for w in warnings:
+            log.warn("config: {warning}", warning=w)
+        old = self.cluster
+        if (config.general.host, config.general.port) != (old.config.general.host,
+                                                           old.config.general.port):
+            log.warn("reload: host/port changes need a restart; keeping the listener")
+        self.cluster = Cluster(self.reactor, config, previous=old)
+        old.retire(self.cluster)
+        log.info("configuration reloaded from {path}", path=self.config_path)
+        return True
+
+    def install_sighup(self):
+        def on_hup(signum, frame):
+            self.reactor.callFromThread(self.reload)
+
+        signal.signal(signal.SIGHUP, on_hup)

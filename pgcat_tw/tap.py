@@ -1,0 +1,30 @@
+"""twistd plugin glue: ``twistd [-n] pgcat -c pgcat.toml``."""
+
+from twisted.python import usage
+
+from pgcat_tw.config import ConfigError, load
+
+
+class Options(usage.Options):
+    synopsis = "[-c pgcat.toml]"
+    longdesc = "Run the pgcat_tw PostgreSQL pooler with a PgCat-format configuration file."
+    optParameters = [
+        ["config", "c", "pgcat.toml", "Path to the PgCat-format configuration file."],
+    ]
+
+    def postOptions(self):
+        try:
+            self.loaded = load(self["config"])
+        except ConfigError as e:
+            raise usage.UsageError(str(e))
+
+
+def makeService(options):
+    from twisted.internet import reactor
+
+    from pgcat_tw.service import PgCatService
+
+    config, warnings = options.loaded
+    svc = PgCatService(reactor, config, config_path=options["config"], warnings=warnings)
+    reactor.callWhenRunning(svc.install_sighup)
+    return svc
