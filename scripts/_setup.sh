@@ -1,0 +1,141 @@
+# shellcheck shell=bash
+# Shared set-up for scripts/test.sh and scripts/demo.sh (sourced, not run).
+#
+# Provides:
+#   REPO_ROOT                 absolute path of the repository
+#   SUDO                      "" when root, "sudo" otherwise
+#   pg_bindir                 prints the PostgreSQL server bin dir (empty if none)
+#   ensure_postgres           installs PostgreSQL server + psql + pgbench via apt if missing
+#   ensure_venv               creates .venv and installs the project ('.[test]', not editable)
+#   as_pg_user CMD...         runs CMD as the `postgres` system user when root
+#   free_port [PREFERRED]     prints PREFERRED if free on 127.0.0.1, else a free port
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$REPO_ROOT/.venv"
+PG_SYSTEM_USER="${PGHARNESS_USER:-postgres}"
+
+if [ "$(id -u)" -eq 0 ]; then
+    SUDO=""
+else
+    SUDO="sudo"
+fi
+
+_log() { printf '==> %s\n' "$*" >&2; }
+
+_apt_updated=""
+apt_install() {
+    if ! command -v apt-get >/dev/null 2>&1; then
+        _log "apt-get not available: please install $* by hand"
+        return 1
+    fi
+    if [ -z "$_apt_updated" ]; then
+        _log "apt-get update"
+        $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q
+        _apt_updated=1
+    fi
+    _log "apt-get install $*"
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@"
+}
+
+pg_bindir() {
+    local d
+    if [ -n "${PG_BINDIR:-}" ] && [ -x "$PG_BINDIR/pg_ctl" ]; then
+        echo "$PG_BINDIR"; return 0
+    fi
+    if command -v pg_config >/dev/null 2>&1; then
+        d="$(pg_config --bindir 2>/dev/null || true)"
+        if [ -n "$d" ] && [ -x "$d/pg_ctl" ]; then
+            echo "$d"; return 0
+        fi
+    fi
+    # newest /usr/lib/postgresql/<ver>/bin with a pg_ctl
+    d="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -t/ -k5,5n | while read -r b; do
+            [ -x "$b/pg_ctl" ] && echo "$b"; done | tail -n 1)"
+    echo "$d"
+}
+
+ensure_postgres() {
+    local installed="" bindir
+    bindir="$(pg_bindir)"
+    if [ -z "$bindir" ]; then
+        apt_install postgresql postgresql-client postgresql-contrib
+        installed=1
+        bindir="$(pg_bindir)"
+        if [ -z "$bindir" ]; then
+            _log "PostgreSQL server binaries still not found after install"
+            return 1
+        fi
+    fi
+    if ! { [ -x "$bindir/psql" ] || command -v psql >/dev/null 2>&1; } \
+       || ! { [ -x "$bindir/pgbench" ] || command -v pgbench >/dev/null 2>&1; }; then
+        apt_install postgresql-client postgresql-contrib
+    fi
+    if [ -n "$installed" ] && command -v pg_lsclusters >/dev/null 2>&1; then
+        # The package creates and may start a default cluster; we use our own
+        # servers on free ports, so stop it (best effort) to free 5432.
+        pg_lsclusters -h 2>/dev/null | while read -r ver name _rest; do
+            $SUDO pg_ctlcluster "$ver" "$name" stop >/dev/null 2>&1 || true
+        done
+    fi
+    if [ "$(id -u)" -eq 0 ] && ! id "$PG_SYSTEM_USER" >/dev/null 2>&1; then
+        _log "running as root but there is no '$PG_SYSTEM_USER' user to run postgres as"
+        return 1
+    fi
+}
+
+ensure_python() {
+    if ! command -v python3 >/dev/null 2>&1; then
+        apt_install python3 python3-venv
+    fi
+}
+
+ensure_venv() {
+    ensure_python
+    if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import sys' >/dev/null 2>&1 \
+       || [ ! -x "$VENV/bin/pip" ]; then
+        rm -rf "$VENV"
+        _log "creating $VENV"
+        if ! python3 -m venv "$VENV" >/dev/null 2>&1; then
+            rm -rf "$VENV"
+            local pyver
+            pyver="$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+            apt_install python3-venv "python${pyver}-venv" || apt_install python3-venv
+            python3 -m venv "$VENV"
+        fi
+    fi
+    # Make the repository's own `tests` package importable by .venv/bin/trial
+    # (console scripts do not put the cwd on sys.path).  Appended after
+    # site-packages, so `pgcat_tw` still comes from the installed copy.
+    local site
+    site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    echo "$REPO_ROOT" > "$site/_pgcat_tw_repo.pth"
+    _log "pip install '.[test]'"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
+    (cd "$REPO_ROOT" && "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check '.[test]')
+}
+
+as_pg_user() {
+    if [ "$(id -u)" -eq 0 ]; then
+        runuser -u "$PG_SYSTEM_USER" -- "$@"
+    else
+        "$@"
+    fi
+}
+
+free_port() {
+    python3 - "${1:-0}" <<'EOF'
+import socket, sys
+want = int(sys.argv[1])
+for port in ([want] if want else []) + [0]:
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", port))
+    except OSError:
+        continue
+    else:
+        print(s.getsockname()[1])
+        break
+    finally:
+        s.close()
+EOF
+}
