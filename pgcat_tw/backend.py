@@ -16,8 +16,8 @@ The connection never imports the pool: it reports its death through
 import socket
 
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
 from pgcat_tw.auth import md5 as md5_auth
@@ -26,7 +26,7 @@ from pgcat_tw.errors import PgError, ServerConnectionFailed, ServerError
 from pgcat_tw.protocol import codes
 from pgcat_tw.protocol import messages as m
 from pgcat_tw.protocol.framing import FramingError, MessageBuffer
-from pgcat_tw.relay import ServerScanner, writer_for
+from pgcat_tw.relay import ServerScanner, detach_producer, writer_for
 
 log = Logger()
 
@@ -62,6 +62,17 @@ def set_keepalive(transport, idle=5, interval=5, count=5, user_timeout_ms=0):
         pass
 
 
+def unwrap_endpoint_protocol(proto):
+    """HostnameEndpoint wraps our protocol in one that forwards every event
+    (one more Python frame per received chunk). Once connected, point the TCP
+    transport straight at us. Guarded: no-op if Twisted's layout differs."""
+    transport = proto.transport
+    wrapper = getattr(transport, "protocol", None)
+    if wrapper is not None and wrapper is not proto \
+            and getattr(wrapper, "_wrappedProtocol", None) is proto:
+        transport.protocol = proto
+
+
 class ServerConnection(Protocol):
     def __init__(self, reactor, host, port, user, password, database, extra_params=None):
         self.reactor = reactor
@@ -80,6 +91,8 @@ class ServerConnection(Protocol):
         self.pool = None
         self.client = None            # bound ClientProtocol
         self._write_client = None
+        self._client_transport = None
+        self.writer = None            # how clients write to this server
         self.created_at = reactor.seconds()
         self.last_used = self.created_at
         self.state = "login"
@@ -97,6 +110,8 @@ class ServerConnection(Protocol):
 
     def connectionMade(self):
         set_keepalive(self.transport, *self.keepalive)
+        self.writer = writer_for(self.transport)
+        unwrap_endpoint_protocol(self)
         params = {"user": self.user, "database": self.database}
         params.update(self._extra)
         self.transport.write(m.startup_message(params))
@@ -208,25 +223,23 @@ class ServerConnection(Protocol):
         """Attach to a client: from now on every chunk goes to it."""
         self.client = client
         self.scanner.client = client_scanner
-        self._write_client = writer_for(client.transport)
+        self._write_client = client.writer
         self._client_transport = client.transport
         self.state = "active"
         self.dataReceived = self._relay_data
-        client.transport.registerProducer(self.transport, True)
 
     def unbind(self):
-        client = self.client
+        ct = self._client_transport
+        st = self.transport
         self.client = None
         self.scanner.client = None
         self._write_client = None
-        if client is not None and client.transport is not None:
-            try:
-                client.transport.unregisterProducer()
-            except Exception:  # noqa: BLE001
-                pass
         self._client_transport = None
-        if self.transport is not None:
-            self.transport.resumeProducing()
+        # Writers register producers only when a write had to be buffered.
+        if getattr(ct, "producer", None) is not None:
+            detach_producer(ct, st)
+        if getattr(st, "producer", None) is not None:
+            detach_producer(st, ct)
         self.state = "idle"
         self.dataReceived = self._idle_data
 
@@ -239,10 +252,16 @@ class ServerConnection(Protocol):
                       port=self.port, e=e)
             self.close()
             return
-        self._write_client(self._client_transport, data)
+        self._write_client(self._client_transport, data, self.transport)
         if sc.rfq:
             sc.rfq = False
-            self.client.server_ready(self)
+            client = self.client
+            cs = sc.client
+            # Transaction mode: back to the pool once nothing the client sent
+            # is unanswered (relay.ClientScanner.idle, inlined).
+            if client.transaction_mode and sc.tx_status == 73 and cs.pending <= 0 \
+                    and not cs.unsynced and not cs.in_copy_ext and cs.at_boundary:
+                client.release_server(self)
 
     # --- internal queries ---------------------------------------------------------
 
@@ -347,8 +366,12 @@ class ServerConnection(Protocol):
             self.pool.connection_lost(self)
 
     def unbind_quietly(self):
+        ct = self._client_transport
         self.client = None
         self.scanner.client = None
+        self._client_transport = None
+        if ct is not None and getattr(ct, "producer", None) is self.transport:
+            ct.unregisterProducer()
         self.dataReceived = self._idle_data
 
 
@@ -378,6 +401,13 @@ def _decode_columns(body):
     return cols
 
 
+def quiet_factory(proto):
+    """A one-shot client factory that does not log each connection."""
+    f = Factory.forProtocol(lambda: proto)
+    f.noisy = False
+    return f
+
+
 def connect(reactor, host, port, user, password, database, timeout, extra_params=None,
             keepalive=None):
     """Connect and log in; fires with a ready ServerConnection."""
@@ -385,7 +415,7 @@ def connect(reactor, host, port, user, password, database, timeout, extra_params
     if keepalive is not None:
         proto.keepalive = keepalive
     endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
-    d = connectProtocol(endpoint, proto)
+    d = endpoint.connect(quiet_factory(proto))
 
     def connected(_):
         return proto.ready

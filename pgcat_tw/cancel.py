@@ -3,7 +3,7 @@
 import os
 import struct
 
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
@@ -49,8 +49,10 @@ class _CancelSender(Protocol):
 
 def forward_cancel(reactor, host, port, pid, secret, timeout=5):
     """Open a new connection to the server and send it a CancelRequest."""
-    d = connectProtocol(HostnameEndpoint(reactor, host, port, timeout=timeout),
-                        _CancelSender(pid, secret))
+    from pgcat_tw.backend import quiet_factory
+
+    d = HostnameEndpoint(reactor, host, port, timeout=timeout).connect(
+        quiet_factory(_CancelSender(pid, secret)))
     d.addErrback(lambda f: log.warn("could not forward cancel request to {host}:{port}: {e}",
                                     host=host, port=port, e=f.getErrorMessage()))
     return d

@@ -41,12 +41,15 @@ from pgcat_tw.relay import TRACKED_PARAMETERS, ClientScanner, writer_for
 log = Logger()
 
 LOGIN_TIMEOUT = 60.0     # seconds a client may take to log in (PgBouncer's default)
-RESET_TIMEOUT = 10.0     # seconds for ROLLBACK / DISCARD ALL before the server is closed
+RESET_TIMEOUT = 10.0
+HOLD_LIMIT = 65536       # bytes held for a waiting client before it is paused     # seconds for ROLLBACK / DISCARD ALL before the server is closed
 _TRACKED = frozenset(TRACKED_PARAMETERS)
 _ADMIN_DATABASES = ("pgcat", "pgbouncer")
 
 
 class ClientFactory(Factory):
+    noisy = False
+
     def __init__(self, reactor, get_cluster, cancel_keys):
         self.reactor = reactor
         self.get_cluster = get_cluster  # callable: the Cluster in force now
@@ -78,7 +81,10 @@ class ClientProtocol(Protocol):
         self._write_server = None
         self.scanner = None
         self._held = []
-        self._waiting = None          # checkout Deferred while waiting
+        self._held_len = 0
+        self._paused_waiting = False
+        self.writer = None            # how servers write to this client
+        self._waiting = None          # (pool, Waiter) while queued for a server
         self._checking_out = False
         self._login_timer = None
         self._closing = False
@@ -89,6 +95,7 @@ class ClientProtocol(Protocol):
 
     def connectionMade(self):
         self.factory.clients.add(self)
+        self.writer = writer_for(self.transport)
         g = self.factory.get_cluster().config.general
         set_keepalive(self.transport, g.tcp_keepalives_idle, g.tcp_keepalives_interval,
                       g.tcp_keepalives_count, g.tcp_user_timeout)
@@ -324,15 +331,37 @@ class ClientProtocol(Protocol):
         except FramingError as e:
             self._protocol_error(e)
             return
-        if sc.terminate_at >= 0:
+        if sc.terminate_at is not None:
             self._on_terminate(data)
             return
-        if self.server is not None:
-            self._write_server(self._server_transport, data)
+        st = self._server_transport
+        if st is not None:
+            self._write_server(st, data, self.transport)
             return
-        self._held.append(data)
         if not self._checking_out:
-            self._checkout()
+            # Fast path: an idle server that needs no parameter change.
+            server = self.user_pool.server_pool().take_idle()
+            if server is not None:
+                sp = server.params
+                for k, v in self.params.items():
+                    if sp.get(k) != v:
+                        self._held.append(data)
+                        self._held_len += len(data)
+                        self._checking_out = True
+                        self._got_server(server)
+                        return
+                self._checking_out = True
+                self._attach(server)
+                self._write_server(server.transport, data, self.transport)
+                return
+        self._held.append(data)
+        self._held_len += len(data)
+        if not self._checking_out:
+            self._checkout(False)
+        elif self._held_len > HOLD_LIMIT and not self._paused_waiting:
+            # Stop reading a client that keeps sending while it waits.
+            self._paused_waiting = True
+            self.transport.pauseProducing()
 
     def _protocol_error(self, err):
         # Whatever reached a server so far leaves it in an unknown state.
@@ -341,14 +370,14 @@ class ClientProtocol(Protocol):
     def _on_terminate(self, data):
         sc = self.scanner
         pos = sc.terminate_at
-        sc.terminate_at = -1
+        sc.terminate_at = None
         if pos < 0:
             # The Terminate header started in the previous chunk, which went
             # to the server: it holds a partial message now.
             sc.unsynced = True
         elif pos > 0:
             if self.server is not None:
-                self._write_server(self._server_transport, data[:pos])
+                self._write_server(self._server_transport, data[:pos], self.transport)
             else:
                 self._held.append(data[:pos])
         self._closing = True
@@ -356,7 +385,7 @@ class ClientProtocol(Protocol):
 
     # --- checkout -----------------------------------------------------------------------
 
-    def _checkout(self):
+    def _checkout(self, try_idle=True):
         self._checking_out = True
         up = self.user_pool
         if up.closed:
@@ -365,31 +394,30 @@ class ClientProtocol(Protocol):
             if fresh is not None:
                 self.user_pool = up = fresh
         pool = up.server_pool()
-        try:
-            r = pool.acquire()
-        except Exception:  # noqa: BLE001
-            self._checkout_failed(Failure())
+        server = pool.take_idle() if try_idle else None
+        if server is not None:
+            self._got_server(server)
             return
-        if isinstance(r, defer.Deferred):
-            self.transport.pauseProducing()
-            self._waiting = r
-            r.addCallbacks(self._got_server, self._checkout_failed)
-        else:
-            self._got_server(r)
+        self._waiting = (pool, None)
+        w = pool.wait(self._got_server, self._checkout_failed)
+        if self._waiting is not None and self._waiting[0] is pool:
+            self._waiting = (pool, w)
 
     def _got_server(self, server):
         self._waiting = None
-        if self.transport is None or self._closing or not self.transport.connected:
+        transport = self.transport
+        if transport is None or self._closing or not transport.connected:
             server.pool.release(server)
             return
-        params = self.params
         sparams = server.params
-        diff = [(k, v) for k, v in params.items() if sparams.get(k) != v]
-        if diff:
-            d = server.run([set_parameter_sql(k, v) for k, v in diff], timeout=RESET_TIMEOUT)
-            d.addCallbacks(self._params_synced, self._sync_failed,
-                           callbackArgs=(server, diff), errbackArgs=(server,))
-            return
+        for k, v in self.params.items():
+            if sparams.get(k) != v:
+                diff = [(k, v) for k, v in self.params.items() if sparams.get(k) != v]
+                d = server.run([set_parameter_sql(k, v) for k, v in diff],
+                               timeout=RESET_TIMEOUT)
+                d.addCallbacks(self._params_synced, self._sync_failed,
+                               callbackArgs=(server, diff), errbackArgs=(server,))
+                return
         self._attach(server)
 
     def _params_synced(self, results, server, diff):
@@ -428,33 +456,40 @@ class ClientProtocol(Protocol):
         self.server = server
         st = server.transport
         self._server_transport = st
-        self._write_server = writer_for(st)
+        self._write_server = server.writer
         server.bind(self, self.scanner)
-        st.registerProducer(self.transport, True)
-        self.transport.resumeProducing()
+        if self._paused_waiting:
+            self._paused_waiting = False
+            self.transport.resumeProducing()
         held = self._held
         if held:
             self._held = []
-            self._write_server(st, held[0] if len(held) == 1 else b"".join(held))
+            self._held_len = 0
+            self._write_server(st, held[0] if len(held) == 1 else b"".join(held),
+                               self.transport)
 
-    def _checkout_failed(self, failure):
+    def _checkout_failed(self, err):
+        """``err``: an exception (from the pool) or a Failure."""
         self._waiting = None
         self._checking_out = False
         if self.transport is None or self._closing:
             return
-        err = failure.value
+        if isinstance(err, Failure):
+            err = err.value
         if not isinstance(err, PgError):
-            err = ServerConnectionFailed(f"could not get a server connection: "
-                                         f"{failure.getErrorMessage()}")
+            err = ServerConnectionFailed(f"could not get a server connection: {err}")
         log.warn("client {user}@{db}: checkout failed: {err}", user=self.user,
                  db=self.database, err=err.message)
-        self.transport.resumeProducing()
+        if self._paused_waiting:
+            self._paused_waiting = False
+            self.transport.resumeProducing()
         self._fail_held(err)
 
     def _fail_held(self, err):
         """Answer every request held for a server with ``err``."""
         sc = self.scanner
         self._held = []
+        self._held_len = 0
         if sc.unsynced or sc.in_copy_ext or not sc.at_boundary:
             self._fatal(err)
             return
@@ -464,21 +499,13 @@ class ClientProtocol(Protocol):
 
     # --- server events --------------------------------------------------------------------
 
-    def server_ready(self, server):
-        """ReadyForQuery arrived from the bound server (already forwarded)."""
-        if self.transaction_mode and server.scanner.tx_status == codes.TX_IDLE \
-                and self.scanner.idle:
-            self._release(server)
-
-    def _release(self, server):
+    def release_server(self, server):
+        """Transaction mode: the bound server answered everything and is idle
+        (backend.ServerConnection._relay_data decides)."""
         self.server = None
         self._server_transport = None
         self._write_server = None
-        st = server.transport
-        if st is not None:
-            st.unregisterProducer()
         server.unbind()
-        self.transport.resumeProducing()
         pool = server.pool
         if server.scanner.dirty or self.scanner.named_parse:
             self.scanner.named_parse = False
@@ -508,8 +535,9 @@ class ClientProtocol(Protocol):
         if self.key is not None:
             self.factory.cancel_keys.unregister(self.key)
         if self._waiting is not None:
-            d, self._waiting = self._waiting, None
-            d.cancel()
+            (pool, w), self._waiting = self._waiting, None
+            if w is not None:
+                pool.cancel_wait(w)
         server = self.server
         if server is not None:
             self.server = None
@@ -521,9 +549,6 @@ class ClientProtocol(Protocol):
     def _cleanup_server(self, server):
         """The client left while bound: roll back or reset, or close the
         server if it may be mid-answer."""
-        st = server.transport
-        if st is not None:
-            st.unregisterProducer()
         server.unbind()
         sc = self.scanner
         ss = server.scanner

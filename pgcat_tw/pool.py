@@ -23,13 +23,15 @@ from pgcat_tw.errors import PoolTimeout, ServerConnectionFailed
 log = Logger()
 
 
-class _Waiter:
-    __slots__ = ("deferred", "timer", "since")
+class Waiter:
+    """A queued checkout: ``ok(conn)`` or ``fail(exception)`` is called once."""
 
-    def __init__(self):
-        self.deferred = None
-        self.timer = None
-        self.since = 0.0
+    __slots__ = ("ok", "fail", "since")
+
+    def __init__(self, ok, fail, since):
+        self.ok = ok
+        self.fail = fail
+        self.since = since
 
 
 class ConnectionPool:
@@ -52,6 +54,9 @@ class ConnectionPool:
         self.closed = False
         self.last_connect_error = None
         self.on_new_connection = None  # callback(conn) after each successful login
+        # One timer for the oldest waiter's deadline (waiters are FIFO and share
+        # one timeout, so it is always the first to expire), not one per waiter.
+        self._timer = None
 
     # --- counts ---------------------------------------------------------------
 
@@ -67,21 +72,41 @@ class ConnectionPool:
 
     # --- checkout / checkin ---------------------------------------------------
 
-    def acquire(self):
-        if self.closed:
-            return defer.fail(ServerConnectionFailed(f"{self.name}: pool is closed"))
+    def take_idle(self):
+        """An idle connection now, or None (nobody is queued before us)."""
         idle = self.idle
-        if idle and not self.waiters:
+        if idle and not self.waiters and not self.closed:
             conn = idle.popleft() if self.round_robin else idle.pop()
             self.busy.add(conn)
             return conn
-        w = _Waiter()
-        w.since = self.reactor.seconds()
-        w.deferred = defer.Deferred(lambda d, w=w: self._cancel_waiter(w))
-        w.timer = self.reactor.callLater(self.connect_timeout, self._waiter_timeout, w)
-        self.waiters.append(w)
-        self._maybe_connect()
-        return w.deferred
+        return None
+
+    def acquire(self):
+        """A connection now, or a cancellable Deferred that fires with one."""
+        if self.closed:
+            return defer.fail(ServerConnectionFailed(f"{self.name}: pool is closed"))
+        conn = self.take_idle()
+        if conn is not None:
+            return conn
+        d = defer.Deferred(lambda d: self.cancel_wait(w))
+        w = self.wait(d.callback, d.errback)
+        return d
+
+    def wait(self, ok, fail):
+        """Queue for the next free connection (the hot path's Deferred-free
+        form of acquire). Returns the Waiter, for ``cancel_wait``."""
+        w = Waiter(ok, fail, self.reactor.seconds())
+        if self.closed:
+            fail(ServerConnectionFailed(f"{self.name}: pool is closed"))
+            return w
+        waiters = self.waiters
+        waiters.append(w)
+        if self._timer is None:
+            self._timer = self.reactor.callLater(self.connect_timeout, self._expire)
+        if len(waiters) > self.connecting and \
+                len(self.idle) + len(self.busy) + self.connecting < self.pool_size:
+            self._maybe_connect()
+        return w
 
     def release(self, conn):
         """Take back a clean, idle connection."""
@@ -120,29 +145,44 @@ class ConnectionPool:
             pass
 
     def _hand_out(self, conn):
-        while self.waiters:
-            w = self.waiters.popleft()
-            w.timer.cancel()
+        waiters = self.waiters
+        if waiters:
+            w = waiters.popleft()
+            if not waiters:
+                self._stop_timer()
             self.busy.add(conn)
-            w.deferred.callback(conn)
+            w.ok(conn)
             return
         self.idle.append(conn)
 
     # --- waiters --------------------------------------------------------------
 
-    def _cancel_waiter(self, w):
+    def _stop_timer(self):
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+
+    def cancel_wait(self, w):
         try:
             self.waiters.remove(w)
         except ValueError:
             pass
-        if w.timer.active():
-            w.timer.cancel()
+        if not self.waiters:
+            self._stop_timer()
+
+    def _expire(self):
+        """Fail every waiter whose connect_timeout has passed."""
+        self._timer = None
+        now = self.reactor.seconds()
+        waiters = self.waiters
+        while waiters and now - waiters[0].since >= self.connect_timeout - 1e-9:
+            self._waiter_timeout(waiters.popleft())
+        if waiters and self._timer is None:
+            self._timer = self.reactor.callLater(
+                max(0.0, waiters[0].since + self.connect_timeout - now), self._expire)
 
     def _waiter_timeout(self, w):
-        try:
-            self.waiters.remove(w)
-        except ValueError:
-            return
         if self.last_connect_error is not None and not self.busy and not self.idle:
             err = ServerConnectionFailed(
                 f"{self.name}: no server connection could be made within "
@@ -155,7 +195,7 @@ class ConnectionPool:
                 f"connections of the pool are in use (pool exhausted)",
                 hint="raise pool_size or connect_timeout, or make transactions shorter",
             )
-        w.deferred.errback(err)
+        w.fail(err)
 
     # --- growth -----------------------------------------------------------------
 
@@ -191,12 +231,13 @@ class ConnectionPool:
         # why at once instead of waiting for its timeout.
         if len(self.waiters) > self.connecting and not self.idle:
             w = self.waiters.popleft()
-            w.timer.cancel()
+            if not self.waiters:
+                self._stop_timer()
             if isinstance(reason, ServerConnectionFailed) or getattr(reason, "sqlstate", None):
                 err = reason
             else:
                 err = ServerConnectionFailed(f"{self.name}: could not connect to server: {msg}")
-            w.deferred.errback(err)
+            w.fail(err)
 
     # --- janitor ------------------------------------------------------------------
 
@@ -224,9 +265,9 @@ class ConnectionPool:
 
     def close(self):
         self.closed = True
+        self._stop_timer()
         while self.waiters:
             w = self.waiters.popleft()
-            w.timer.cancel()
-            w.deferred.errback(ServerConnectionFailed(f"{self.name}: pool is closed"))
+            w.fail(ServerConnectionFailed(f"{self.name}: pool is closed"))
         while self.idle:
             self.idle.popleft().close()

@@ -56,16 +56,17 @@ _ERR = codes.B_ERROR
 CLIENT_WANT = want_table(
     {
         "Q": 1, "S": 1, "E": 1, "P": 1, "X": 1, "F": 1, "c": 1, "f": 1,
-        "B": SKIP, "D": SKIP, "C": SKIP, "d": SKIP, "H": SKIP,
+        "B": 1, "D": 1, "C": 1, "d": SKIP, "H": SKIP,
     },
     default=INVALID,
 )
 
-SERVER_WANT = want_table({"Z": 1, "S": 65536, "C": 8, "G": 1, "E": 1})
+SERVER_WANT = want_table({"Z": 1, "S": 0x7FFFFFFF, "C": 8, "G": 1, "E": 1})
 
-# CommandComplete tags that leave session state on a server connection.
-_DIRTY_TAGS = (b"SET", b"PREPARE", b"LISTEN", b"DECLARE")
-_DIRTY_FIRST = frozenset(t[0] for t in _DIRTY_TAGS)
+# CommandComplete tags that leave session state on a server connection,
+# by first byte (one set lookup for the common tags like SELECT/INSERT).
+_DIRTY_TAGS = {ord("S"): b"SET", ord("P"): b"PREPARE", ord("L"): b"LISTEN",
+               ord("D"): b"DECLARE"}
 
 
 class ClientScanner(Scanner):
@@ -76,7 +77,8 @@ class ClientScanner(Scanner):
         Scanner.__init__(self, CLIENT_WANT, max_len)
         self.pending = 0          # sync points not yet answered by ReadyForQuery
         self.unsynced = False     # extended messages sent since the last Sync
-        self.terminate_at = -1    # offset of Terminate in the current chunk
+        self.terminate_at = None  # offset of Terminate in the current chunk
+                                  # (negative: its header began in the previous one)
         self.last_extended = False
         self.since_exec = 0       # Syncs sent since the last Execute
         self.in_copy_ext = False  # extended-protocol COPY FROM STDIN running
@@ -113,8 +115,10 @@ class ClientScanner(Scanner):
             self.terminate_at = start - 5
         elif t == _FCALL:
             self.pending += 1
-        else:  # CopyDone / CopyFail
+        elif t == _CDONE or t == _CFAIL:
             self.in_copy_ext = False
+        else:  # Bind, Describe, Close: answered only after a Sync/Flush
+            self.unsynced = True
 
 
 class ServerScanner(Scanner):
@@ -137,13 +141,15 @@ class ServerScanner(Scanner):
             if client is not None:
                 client.pending -= 1
         elif t == _CC:
-            if buf[start] in _DIRTY_FIRST:
-                for tag in _DIRTY_TAGS:
-                    if buf.startswith(tag, start):
-                        self.dirty = True
-                        break
+            tag = _DIRTY_TAGS.get(buf[start])
+            if tag is not None and buf.startswith(tag, start) \
+                    and (end - start == len(tag) or buf[start + len(tag)] in (0, 32)):
+                self.dirty = True
         elif t == _PSTATUS:
-            name, value = parse_parameter_status(buf[start:end])
+            try:
+                name, value = parse_parameter_status(buf[start:end])
+            except ValueError:
+                return
             self.params[name] = value
             client = self.client
             if client is not None and name in client.params:
@@ -186,31 +192,47 @@ def _fast_capable(transport):
 _AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS, errno.EINTR)
 
 
-def write_through(transport, data):
+def write_through(transport, data, peer):
     """Write ``data`` to a plain TCP transport, sending directly when its
-    buffer is empty. Only call with transports for which ``writer_for``
-    returned this function."""
-    if transport.dataBuffer or transport._tempDataBuffer or not transport.connected \
-            or transport.disconnecting:
-        transport.write(data)
-        return
-    try:
-        sent = transport.socket.send(data)
-    except OSError as e:
-        if e.errno in _AGAIN:
+    buffer is empty. Whatever the kernel does not take goes to Twisted's
+    buffer, and only then is ``peer`` (the transport feeding this one)
+    registered as its streaming producer, so that a slow reader pauses the
+    fast writer. Only for transports ``writer_for`` chose this function for."""
+    if not (transport.dataBuffer or transport._tempDataBuffer) and transport.connected \
+            and not transport.disconnecting:
+        try:
+            sent = transport.socket.send(data)
+        except OSError as e:
+            if e.errno not in _AGAIN:
+                # Let Twisted discover and report the failure its own way.
+                transport.write(data)
+                return
             sent = 0
-        else:
-            # Let Twisted discover and report the failure its own way.
-            transport.write(data)
+        if sent == len(data):
             return
-    if sent < len(data):
-        transport.write(data[sent:])
-
-
-def plain_write(transport, data):
+        data = data[sent:]
+    if transport.producer is None and peer is not None and transport.connected:
+        transport.registerProducer(peer, True)
     transport.write(data)
 
 
+def plain_write(transport, data, peer):
+    """Buffered write through any ITransport (TLS, test transports)."""
+    if peer is not None and getattr(transport, "producer", True) is None \
+            and getattr(transport, "connected", True):
+        transport.registerProducer(peer, True)
+    transport.write(data)
+
+
+def detach_producer(transport, peer):
+    """Undo a registration made by a writer and resume ``peer`` in case it
+    was paused on ``transport``'s behalf."""
+    if transport is not None and peer is not None \
+            and getattr(transport, "producer", None) is peer:
+        transport.unregisterProducer()
+        peer.resumeProducing()
+
+
 def writer_for(transport):
-    """The write function to use for a transport (decided once per binding)."""
+    """The write function to use for a transport (decided once per connection)."""
     return write_through if _fast_capable(transport) else plain_write

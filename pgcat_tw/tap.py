@@ -24,7 +24,10 @@ def makeService(options):
 
     from pgcat_tw.service import PgCatService
 
+    from pgcat_tw import fastpoll
+
     config, warnings = options.loaded
+    fastpoll.install(reactor)
     svc = PgCatService(reactor, config, config_path=options["config"], warnings=warnings)
     reactor.callWhenRunning(svc.install_sighup)
     return svc

@@ -12,11 +12,8 @@ def is_md5_secret(password):
     """A stored md5 secret: 'md5' followed by 32 hex digits."""
     if not password or len(password) != 35 or not password.startswith("md5"):
         return False
-    try:
-        int(password[3:], 16)
-    except ValueError:
-        return False
-    return True
+    # PostgreSQL's rule: exactly 32 lowercase hex digits.
+    return all(c in "0123456789abcdef" for c in password[3:])
 
 
 def inner_hash(user, password):
