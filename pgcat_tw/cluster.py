@@ -147,6 +147,10 @@ class Cluster:
         for up in self.user_pools.values():
             up.reap(now)
 
+    def server_connections(self):
+        """Open or opening server connections, over every pool."""
+        return sum(p.total for up in self.user_pools.values() for p in up.address_pools)
+
     def close(self):
         for up in self.user_pools.values():
             up.close()

@@ -2,7 +2,9 @@
 
 import signal
 
-from twisted.application import service, strports
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
 from pgcat_tw.cancel import CancelKeys
@@ -27,9 +29,7 @@ class PgCatService(service.MultiService):
         self.cluster = Cluster(reactor, config)
         self.cancel_keys = CancelKeys()
         self.factory = ClientFactory(reactor, lambda: self.cluster, self.cancel_keys)
-        self.listener = strports.service(listen_description(config.general), self.factory,
-                                         reactor=reactor)
-        self.listener.setServiceParent(self)
+        self.port = None              # IListeningPort once listening
         self.janitor = Janitor(reactor, lambda: self.cluster)
         self.janitor.setServiceParent(self)
         self._warnings = list(warnings)
@@ -38,21 +38,37 @@ class PgCatService(service.MultiService):
     def config(self):
         return self.cluster.config
 
+    def privilegedStartService(self):
+        # Bind before twistd drops privileges / daemonizes; errors (port in
+        # use) surface as a failed start.
+        endpoint = serverFromString(self.reactor, listen_description(self.config.general))
+        self.listening = endpoint.listen(self.factory)
+        self.listening.addCallback(self._listening)
+        service.MultiService.privilegedStartService(self)
+
+    def _listening(self, port):
+        self.port = port
+        log.info("pgcat_tw listening on {host}:{port} with {n} pool(s)",
+                 host=self.config.general.host, port=port.getHost().port,
+                 n=len(self.config.pools))
+        return port
+
     def startService(self):
+        if not hasattr(self, "listening"):
+            self.privilegedStartService()
         for w in self._warnings:
             log.warn("config: {warning}", warning=w)
         service.MultiService.startService(self)
-        log.info("pgcat_tw listening on {host}:{port} with {n} pool(s)",
-                 host=self.config.general.host, port=self.config.general.port,
-                 n=len(self.config.pools))
 
+    @defer.inlineCallbacks
     def stopService(self):
-        d = service.MultiService.stopService(self)
+        yield service.MultiService.stopService(self)
+        if self.port is not None:
+            yield self.port.stopListening()
         self.cluster.close()
         for client in list(self.factory.clients):
             if client.transport is not None:
                 client.transport.loseConnection()
-        return d
 
     def reload(self):
         """Re-read the config file; on any error keep the config in force."""
