@@ -1,0 +1,134 @@
+"""Relay micro-benchmark: transactions and messages per second through the
+pooler's Python path on in-memory transports (no sockets, no syscalls).
+
+A real ClientProtocol (work phase) and a real ServerConnection from a real
+pool are connected to StringTransports; each round trip is what pgbench -S
+does per transaction in transaction mode: the client sends a Query (or
+Parse/Bind/Describe/Execute/Sync), the pooler checks a server out, forwards,
+the server answers RowDescription/DataRow/CommandComplete/ReadyForQuery, the
+pooler forwards and checks the server back in.
+
+    python bench/relay_micro.py [--seconds 3] [--mode simple|extended|both]
+"""
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from twisted.internet import task  # noqa: E402
+from twisted.internet.testing import StringTransport  # noqa: E402
+
+from pgcat_tw.backend import ServerConnection  # noqa: E402
+from pgcat_tw.cancel import CancelKeys  # noqa: E402
+from pgcat_tw.cluster import Cluster  # noqa: E402
+from pgcat_tw.config import parse  # noqa: E402
+from pgcat_tw.frontend import ClientFactory  # noqa: E402
+from pgcat_tw.protocol import messages as m  # noqa: E402
+
+CONFIG = """
+[general]
+host = "127.0.0.1"
+port = 6432
+admin_username = "a"
+admin_password = "a"
+[pools.db]
+pool_mode = "transaction"
+[pools.db.users.0]
+username = "u"
+password = "p"
+pool_size = 1
+[pools.db.shards.0]
+database = "db"
+servers = [["127.0.0.1", 5432, "primary"]]
+"""
+
+PARAMS = {"client_encoding": "UTF8", "DateStyle": "ISO, MDY", "TimeZone": "UTC",
+          "standard_conforming_strings": "on", "application_name": "bench"}
+
+
+def build():
+    clock = task.Clock()
+    config, _ = parse(CONFIG)
+    cluster = Cluster(clock, config)
+    factory = ClientFactory(clock, lambda: cluster, CancelKeys())
+    up = cluster.user_pools[("db", "u")]
+    pool = up.server_pool()
+
+    server = ServerConnection(clock, "127.0.0.1", 5432, "u", "p", "db")
+    st = StringTransport()
+    server.makeConnection(st)
+    server.params.update(PARAMS)
+    server.state = "idle"
+    server.dataReceived = server._idle_data
+    server.ready.callback(server)
+    server.pool = pool
+    pool.idle.append(server)
+    up.reference_params = dict(PARAMS)
+
+    client = factory.buildProtocol(None)
+    ct = StringTransport()
+    client.makeConnection(ct)
+    client.user, client.database, client.user_pool = "u", "db", up
+    client.transaction_mode = True
+    client.params = dict(PARAMS)
+    client._enter_work_phase()
+    return client, ct, server, st, pool
+
+
+def response():
+    return (m.row_description([("abalance", 23)]) + m.data_row(["0"])
+            + m.command_complete("SELECT 1") + m.READY_IDLE)
+
+
+def request(mode):
+    if mode == "simple":
+        return m.query("SELECT abalance FROM pgbench_accounts WHERE aid = 4242;")
+    import struct
+    parse_ = m._msg(b"P", b"\0" + m.cstr("SELECT abalance FROM pgbench_accounts WHERE aid = $1")
+                    + struct.pack("!h", 0))
+    bind = m._msg(b"B", b"\0\0" + struct.pack("!hhi", 0, 1, 4) + b"4242" + struct.pack("!h", 0))
+    describe = m._msg(b"D", b"P\0")
+    execute = m._msg(b"E", b"\0" + struct.pack("!i", 0))
+    return parse_ + bind + describe + execute + m.SYNC
+
+
+def run(mode, seconds):
+    client, ct, server, st, pool = build()
+    req = request(mode)
+    resp = response()
+    if mode == "extended":
+        resp = m._msg(b"1", b"") + m._msg(b"2", b"") + resp
+    n_msgs = (1 if mode == "simple" else 5) + (4 if mode == "simple" else 6)
+    n = 0
+    deadline = time.perf_counter() + seconds
+    t0 = time.perf_counter()
+    batch = 2000
+    while time.perf_counter() < deadline:
+        for _ in range(batch):
+            client.dataReceived(req)
+            server.dataReceived(resp)
+        n += batch
+        st.clear()
+        ct.clear()
+    elapsed = time.perf_counter() - t0
+    assert client.server is None and len(pool.idle) == 1, "server not released"
+    per_txn_us = elapsed / n * 1e6
+    print(f"{mode:9s} {n / elapsed:10.0f} txn/s {n * n_msgs / elapsed:11.0f} msg/s "
+          f"{per_txn_us:6.2f} us/txn (Python path only, no syscalls)")
+    return per_txn_us
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--mode", choices=["simple", "extended", "both"], default="both")
+    args = ap.parse_args()
+    for mode in (["simple", "extended"] if args.mode == "both" else [args.mode]):
+        run(mode, args.seconds)
+
+
+if __name__ == "__main__":
+    main()
