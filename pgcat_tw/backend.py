@@ -259,7 +259,8 @@ class ServerConnection(Protocol):
             cs = sc.client
             # Transaction mode: back to the pool once nothing the client sent
             # is unanswered (relay.ClientScanner.idle, inlined).
-            if client.transaction_mode and sc.tx_status == 73 and cs.pending <= 0 \
+            if (client.transaction_mode or client.draining) and sc.tx_status == 73 \
+                    and cs.pending <= 0 \
                     and not cs.unsynced and not cs.in_copy_ext and cs.at_boundary:
                 client.release_server(self)
 

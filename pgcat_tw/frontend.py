@@ -47,8 +47,14 @@ _TRACKED = frozenset(TRACKED_PARAMETERS)
 _ADMIN_DATABASES = ("pgcat", "pgbouncer")
 
 
+def _shutdown_error():
+    return PgError("terminating connection due to administrator command",
+                   sqlstate="57P01", severity="FATAL")
+
+
 class ClientFactory(Factory):
     noisy = False
+    draining = False
 
     def __init__(self, reactor, get_cluster, cancel_keys):
         self.reactor = reactor
@@ -89,6 +95,7 @@ class ClientProtocol(Protocol):
         self._login_timer = None
         self._closing = False
         self.connected_at = self.reactor.seconds()
+        self.draining = False
         self.dataReceived = self._startup_data
 
     # --- connection -----------------------------------------------------------
@@ -183,6 +190,10 @@ class ClientProtocol(Protocol):
         forward_cancel(self.reactor, server.host, server.port, server.pid, server.secret)
 
     def _on_startup(self, params):
+        if self.factory.draining:
+            self._fatal(PgError("the pooler is shutting down", sqlstate="57P03",
+                                severity="FATAL"))
+            return
         user = params.get("user")
         if not user:
             self._fatal(InvalidAuthorization("no PostgreSQL user name specified in startup packet"))
@@ -499,19 +510,40 @@ class ClientProtocol(Protocol):
 
     # --- server events --------------------------------------------------------------------
 
+    def drain(self):
+        """Shutdown: close now if between transactions, else after the
+        current one (backend's release check sees ``draining``)."""
+        self.draining = True
+        if self.scanner is None:
+            # Still logging in.
+            self._fatal(_shutdown_error())
+            return
+        server = self.server
+        if server is None:
+            if not self._checking_out:
+                self._fatal(_shutdown_error())
+            return
+        sc = self.scanner
+        ss = server.scanner
+        if ss.tx_status == codes.TX_IDLE and sc.pending <= 0 and not sc.unsynced \
+                and not sc.in_copy_ext and sc.at_boundary and ss.at_boundary:
+            self.release_server(server)
+
     def release_server(self, server):
-        """Transaction mode: the bound server answered everything and is idle
-        (backend.ServerConnection._relay_data decides)."""
+        """The bound server answered everything and is idle: transaction mode
+        (backend.ServerConnection._relay_data decides), or a draining client."""
         self.server = None
         self._server_transport = None
         self._write_server = None
         server.unbind()
         pool = server.pool
-        if server.scanner.dirty or self.scanner.named_parse:
+        if server.scanner.dirty or self.scanner.named_parse or not self.transaction_mode:
             self.scanner.named_parse = False
             self._reset_then_release(server, ["DISCARD ALL"])
         else:
             pool.release(server)
+        if self.draining:
+            self._fatal(_shutdown_error())
 
     def server_lost(self, server):
         """The bound server connection died."""

@@ -90,8 +90,42 @@ class PgCatService(service.MultiService):
         log.info("configuration reloaded from {path}", path=self.config_path)
         return True
 
-    def install_sighup(self):
+    def drain(self, done):
+        """Graceful shutdown (PgCat's SIGINT): new clients are refused with
+        57P03, clients between transactions are closed with 57P01 at once,
+        clients inside a transaction (or a session with one open) finish it
+        and are closed then; ``done()`` is called when no client is left or
+        after ``shutdown_timeout``."""
+        if getattr(self, "_draining", False):
+            return
+        self._draining = True
+        self.factory.draining = True
+        timeout = self.config.general.shutdown_timeout / 1000.0
+        log.info("graceful shutdown: {n} client(s), waiting up to {t} s",
+                 n=len(self.factory.clients), t=timeout)
+        for client in list(self.factory.clients):
+            client.drain()
+        deadline = self.reactor.seconds() + timeout
+
+        def check():
+            if not self.factory.clients or self.reactor.seconds() >= deadline:
+                if self.factory.clients:
+                    log.warn("shutdown_timeout reached with {n} client(s) left",
+                             n=len(self.factory.clients))
+                done()
+            else:
+                self.reactor.callLater(0.05, check)
+
+        check()
+
+    def install_signals(self):
+        """SIGHUP reloads; SIGINT drains then stops (SIGTERM: twistd's
+        immediate stop)."""
         def on_hup(signum, frame):
             self.reactor.callFromThread(self.reload)
 
+        def on_int(signum, frame):
+            self.reactor.callFromThread(self.drain, self.reactor.stop)
+
         signal.signal(signal.SIGHUP, on_hup)
+        signal.signal(signal.SIGINT, on_int)

@@ -29,5 +29,5 @@ def makeService(options):
     config, warnings = options.loaded
     fastpoll.install(reactor)
     svc = PgCatService(reactor, config, config_path=options["config"], warnings=warnings)
-    reactor.callWhenRunning(svc.install_sighup)
+    reactor.callWhenRunning(svc.install_signals)
     return svc

@@ -439,3 +439,48 @@ class MinPoolSizeTests(PoolerTestCase):
                 break
             yield task.deferLater(reactor, 0.05, lambda: None)
         self.assertEqual(len(pool.idle), 2)
+
+
+class GracefulShutdownTests(PoolerTestCase):
+    """SIGINT semantics (PgCat): idle clients are closed at once, a client
+    inside a transaction may finish it, new clients are refused."""
+
+    @defer.inlineCallbacks
+    def test_drain(self):
+        idle = yield in_thread(psycopg.connect, self.pooler.dsn(), autocommit=True)
+        busy = yield in_thread(psycopg.connect, self.pooler.dsn())
+        self.addCleanup(idle.close)
+        self.addCleanup(busy.close)
+        yield in_thread(busy.execute, "select 1")  # inside a transaction now
+        done = defer.Deferred()
+        self.pooler.service.drain(lambda: done.callback(None))
+        yield task.deferLater(reactor, 0.1, lambda: None)
+        self.assertFalse(done.called)
+
+        def idle_is_closed():
+            try:
+                idle.execute("select 1")
+            except psycopg.OperationalError as e:
+                return str(e)
+            return None
+        msg = yield in_thread(idle_is_closed)
+        self.assertIn("terminating connection due to administrator command", msg)
+
+        new_err = yield in_thread(lambda: _connect_error(self.pooler.dsn()))
+        self.assertIn("shutting down", new_err)
+
+        # The transaction can still be finished...
+        value = yield in_thread(lambda: busy.execute("select 2").fetchone()[0])
+        self.assertEqual(value, 2)
+        yield in_thread(busy.commit)
+        # ...and then the client is closed and the drain completes.
+        yield done
+        self.assertEqual(len(self.pooler.service.factory.clients), 0)
+
+
+def _connect_error(dsn):
+    try:
+        psycopg.connect(dsn).close()
+    except psycopg.OperationalError as e:
+        return str(e)
+    return ""
