@@ -49,7 +49,7 @@ PARAMS = {"client_encoding": "UTF8", "DateStyle": "ISO, MDY", "TimeZone": "UTC",
           "standard_conforming_strings": "on", "application_name": "bench"}
 
 
-def build():
+def build(n_clients=1):
     clock = task.Clock()
     config, _ = parse(CONFIG)
     cluster = Cluster(clock, config)
@@ -68,14 +68,19 @@ def build():
     pool.idle.append(server)
     up.reference_params = dict(PARAMS)
 
-    client = factory.buildProtocol(None)
-    ct = StringTransport()
-    client.makeConnection(ct)
-    client.user, client.database, client.user_pool = "u", "db", up
-    client.transaction_mode = True
-    client.params = dict(PARAMS)
-    client._enter_work_phase()
-    return client, ct, server, st, pool
+    clients = []
+    for _ in range(n_clients):
+        client = factory.buildProtocol(None)
+        ct = StringTransport()
+        client.makeConnection(ct)
+        client.user, client.database, client.user_pool = "u", "db", up
+        client.transaction_mode = True
+        client.params = dict(PARAMS)
+        client._enter_work_phase()
+        clients.append((client, ct))
+    if n_clients == 1:
+        return clients[0][0], clients[0][1], server, st, pool
+    return clients, server, st, pool
 
 
 def response():
@@ -121,6 +126,35 @@ def run(mode, seconds):
     return per_txn_us
 
 
+def run_contended(mode, seconds):
+    """Two clients, one server: every checkout queues behind the other
+    client's transaction (the 64-clients-on-4-servers case)."""
+    clients, server, st, pool = build(2)
+    (a, at), (b, bt) = clients
+    req = request(mode)
+    resp = response()
+    if mode == "extended":
+        resp = m._msg(b"1", b"") + m._msg(b"2", b"") + resp
+    a.dataReceived(req)            # a holds the server
+    n = 0
+    deadline = time.perf_counter() + seconds
+    t0 = time.perf_counter()
+    batch = 2000
+    while time.perf_counter() < deadline:
+        for _ in range(batch):
+            b.dataReceived(req)    # b queues
+            server.dataReceived(resp)  # a's answer: server goes to b
+            a.dataReceived(req)    # a queues
+            server.dataReceived(resp)  # b's answer: server goes to a
+        n += 2 * batch
+        st.clear()
+        at.clear()
+        bt.clear()
+    elapsed = time.perf_counter() - t0
+    print(f"{mode:9s} {n / elapsed:10.0f} txn/s  {elapsed / n * 1e6:6.2f} us/txn "
+          "contended: every checkout waits (Python path only)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=3.0)
@@ -128,6 +162,7 @@ def main():
     args = ap.parse_args()
     for mode in (["simple", "extended"] if args.mode == "both" else [args.mode]):
         run(mode, args.seconds)
+        run_contended(mode, args.seconds)
 
 
 if __name__ == "__main__":

@@ -261,7 +261,7 @@ class ServerConnection(Protocol):
             # is unanswered (relay.ClientScanner.idle, inlined).
             if (client.transaction_mode or client.draining) and sc.tx_status == 73 \
                     and cs.pending <= 0 \
-                    and not cs.unsynced and not cs.in_copy_ext and cs.at_boundary:
+                    and not cs.unsynced and not cs.in_copy and cs.at_boundary:
                 client.release_server(self)
 
     # --- internal queries ---------------------------------------------------------

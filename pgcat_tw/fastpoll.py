@@ -17,12 +17,14 @@ import select
 import sys
 import types
 
+from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 from twisted.logger import Logger
 
 log = Logger()
 
 _EPOLLIN = select.EPOLLIN if hasattr(select, "EPOLLIN") else 1
 _PLAIN_TCP = frozenset()
+_AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR)
 
 
 def _plain_tcp_classes():
@@ -32,7 +34,8 @@ def _plain_tcp_classes():
 
     classes = set()
     for cls in (tcp.Server, tcp.Client):
-        if cls.doRead is tcp.Connection.doRead:
+        if cls.doRead is tcp.Connection.doRead \
+                and cls._dataReceived is tcp.Connection._dataReceived:
             classes.add(cls)
     return frozenset(classes)
 
@@ -53,10 +56,19 @@ def _fast_do_poll(self, timeout):
         if selectable is None:
             continue
         if event == _EPOLLIN and selectable.__class__ in _PLAIN_TCP:
-            # The common case: data to read on a TCP connection. Same steps
-            # as _doReadOrWrite for it, without the generic checks.
+            # The common case: data to read on a TCP connection. The same
+            # steps as _doReadOrWrite -> tcp.Connection.doRead -> _dataReceived,
+            # without their generic checks and frames.
             try:
-                why = selectable.doRead()
+                try:
+                    data = selectable.socket.recv(selectable.bufferSize)
+                except OSError as se:
+                    why = None if se.args[0] in _AGAIN else CONNECTION_LOST
+                else:
+                    if data:
+                        why = selectable.protocol.dataReceived(data)
+                    else:
+                        why = CONNECTION_DONE
             except BaseException:
                 why = sys.exc_info()[1]
                 log.failure("unhandled error reading from {selectable}",

@@ -348,6 +348,8 @@ class ClientProtocol(Protocol):
         st = self._server_transport
         if st is not None:
             self._write_server(st, data, self.transport)
+            if sc.copy_ended:
+                self._after_copy_end()
             return
         if not self._checking_out:
             # Fast path: an idle server that needs no parameter change.
@@ -501,7 +503,7 @@ class ClientProtocol(Protocol):
         sc = self.scanner
         self._held = []
         self._held_len = 0
-        if sc.unsynced or sc.in_copy_ext or not sc.at_boundary:
+        if sc.unsynced or sc.in_copy or not sc.at_boundary:
             self._fatal(err)
             return
         n = max(sc.pending, 1)
@@ -509,6 +511,16 @@ class ClientProtocol(Protocol):
         self.transport.write((err.to_message() + m.READY_IDLE) * n)
 
     # --- server events --------------------------------------------------------------------
+
+    def _after_copy_end(self):
+        """The client ended a COPY FROM STDIN. If the server had already
+        answered (the COPY failed), nothing else will: release now."""
+        sc = self.scanner
+        sc.copy_ended = False
+        server = self.server
+        if server is not None and (self.transaction_mode or self.draining) \
+                and server.scanner.tx_status == codes.TX_IDLE and sc.idle:
+            self.release_server(server)
 
     def drain(self):
         """Shutdown: close now if between transactions, else after the
@@ -525,8 +537,7 @@ class ClientProtocol(Protocol):
             return
         sc = self.scanner
         ss = server.scanner
-        if ss.tx_status == codes.TX_IDLE and sc.pending <= 0 and not sc.unsynced \
-                and not sc.in_copy_ext and sc.at_boundary and ss.at_boundary:
+        if ss.tx_status == codes.TX_IDLE and sc.idle and ss.at_boundary:
             self.release_server(server)
 
     def release_server(self, server):
@@ -585,7 +596,7 @@ class ClientProtocol(Protocol):
         sc = self.scanner
         ss = server.scanner
         if not (ss.at_boundary and sc.at_boundary and sc.pending <= 0 and not sc.unsynced
-                and not sc.in_copy_ext):
+                and not sc.in_copy):
             server.pool.discard(server)
             return
         queries = []

@@ -56,6 +56,9 @@ class ConnectionPool:
         self.on_new_connection = None  # callback(conn) after each successful login
         # One timer for the oldest waiter's deadline (waiters are FIFO and share
         # one timeout, so it is always the first to expire), not one per waiter.
+        # It is never cancelled when the queue empties (that would churn the
+        # reactor's timer heap on every checkout under load): it fires at most
+        # once per connect_timeout and reschedules only while waiters remain.
         self._timer = None
 
     # --- counts ---------------------------------------------------------------
@@ -148,8 +151,6 @@ class ConnectionPool:
         waiters = self.waiters
         if waiters:
             w = waiters.popleft()
-            if not waiters:
-                self._stop_timer()
             self.busy.add(conn)
             w.ok(conn)
             return
@@ -168,8 +169,6 @@ class ConnectionPool:
             self.waiters.remove(w)
         except ValueError:
             pass
-        if not self.waiters:
-            self._stop_timer()
 
     def _expire(self):
         """Fail every waiter whose connect_timeout has passed."""
@@ -231,8 +230,6 @@ class ConnectionPool:
         # why at once instead of waiting for its timeout.
         if len(self.waiters) > self.connecting and not self.idle:
             w = self.waiters.popleft()
-            if not self.waiters:
-                self._stop_timer()
             if isinstance(reason, ServerConnectionFailed) or getattr(reason, "sqlstate", None):
                 err = reason
             else:

@@ -71,7 +71,7 @@ _DIRTY_TAGS = {ord("S"): b"SET", ord("P"): b"PREPARE", ord("L"): b"LISTEN",
 
 class ClientScanner(Scanner):
     __slots__ = ("pending", "unsynced", "terminate_at", "last_extended", "since_exec",
-                 "in_copy_ext", "named_parse", "params", "queries")
+                 "in_copy", "in_copy_ext", "copy_ended", "named_parse", "params", "queries")
 
     def __init__(self, max_len):
         Scanner.__init__(self, CLIENT_WANT, max_len)
@@ -81,7 +81,9 @@ class ClientScanner(Scanner):
                                   # (negative: its header began in the previous one)
         self.last_extended = False
         self.since_exec = 0       # Syncs sent since the last Execute
-        self.in_copy_ext = False  # extended-protocol COPY FROM STDIN running
+        self.in_copy = False      # COPY FROM STDIN: client has not sent CopyDone/Fail
+        self.in_copy_ext = False  # ... and it was started by an extended Execute
+        self.copy_ended = False   # CopyDone/CopyFail seen in this chunk
         self.named_parse = False  # a named Parse was sent (statement on server)
         self.params = {}          # the client's tracked parameter values
         self.queries = 0
@@ -89,7 +91,7 @@ class ClientScanner(Scanner):
     @property
     def idle(self):
         """Nothing sent that the server has not answered, no partial message."""
-        return (self.pending <= 0 and not self.unsynced and not self.in_copy_ext
+        return (self.pending <= 0 and not self.unsynced and not self.in_copy
                 and self.at_boundary)
 
     def on_message(self, t, buf, start, end):
@@ -116,7 +118,11 @@ class ClientScanner(Scanner):
         elif t == _FCALL:
             self.pending += 1
         elif t == _CDONE or t == _CFAIL:
+            # After a failed COPY the server has already answered and drops
+            # these silently: the owner re-checks release when it sees this.
+            self.in_copy = False
             self.in_copy_ext = False
+            self.copy_ended = True
         else:  # Bind, Describe, Close: answered only after a Sync/Flush
             self.unsynced = True
 
@@ -158,12 +164,14 @@ class ServerScanner(Scanner):
             self.errors += 1
         else:  # CopyInResponse
             client = self.client
-            if client is not None and client.last_extended:
-                # The Syncs the client sent after the Execute that started this
-                # COPY are ignored by the server until CopyDone/CopyFail.
-                client.pending -= client.since_exec
-                client.since_exec = 0
-                client.in_copy_ext = True
+            if client is not None:
+                client.in_copy = True
+                if client.last_extended:
+                    # The Syncs the client sent after the Execute that started
+                    # this COPY are ignored by the server until CopyDone/CopyFail.
+                    client.pending -= client.since_exec
+                    client.since_exec = 0
+                    client.in_copy_ext = True
 
 
 # --- write-through -----------------------------------------------------------
