@@ -15,6 +15,7 @@ session mode at disconnect, after ``DISCARD ALL``.
 """
 
 import os
+import struct
 
 from twisted.internet import defer
 from twisted.internet.protocol import Factory, Protocol
@@ -37,12 +38,15 @@ from pgcat_tw.protocol import codes
 from pgcat_tw.protocol import messages as m
 from pgcat_tw.protocol.framing import FramingError, MessageBuffer
 from pgcat_tw.relay import TRACKED_PARAMETERS, ClientScanner, writer_for
+from pgcat_tw.router import custom
 
 log = Logger()
 
 LOGIN_TIMEOUT = 60.0     # seconds a client may take to log in (PgBouncer's default)
 RESET_TIMEOUT = 10.0
-HOLD_LIMIT = 65536       # bytes held for a waiting client before it is paused     # seconds for ROLLBACK / DISCARD ALL before the server is closed
+HOLD_LIMIT = 65536       # bytes held for a waiting client before it is paused
+REQUEST_KEEP_LIMIT = 65536  # request bytes kept for a possible re-send (see request_chunks)
+_LEN = struct.Struct("!i")     # seconds for ROLLBACK / DISCARD ALL before the server is closed
 _TRACKED = frozenset(TRACKED_PARAMETERS)
 _ADMIN_DATABASES = ("pgcat", "pgbouncer")
 
@@ -96,6 +100,13 @@ class ClientProtocol(Protocol):
         self._closing = False
         self.connected_at = self.reactor.seconds()
         self.draining = False
+        self.role = "any"
+        self.primary_reads = False
+        # Chunks sent to the current server since it was bound (transaction
+        # mode), so a read whose server dies before answering can be re-sent
+        # elsewhere; None when not kept (session mode, or too large).
+        self.request_chunks = None
+        self._request_bytes = 0
         self.dataReceived = self._startup_data
 
     # --- connection -----------------------------------------------------------
@@ -218,6 +229,8 @@ class ClientProtocol(Protocol):
             return
         self.user_pool = user_pool
         self.transaction_mode = user_pool.mode == "transaction"
+        self.role = pool_cfg.default_role          # 'primary' | 'replica' | 'any' | 'auto'
+        self.primary_reads = pool_cfg.primary_reads_enabled
         self._user_cfg = user_cfg
         auth = user_cfg.auth_type
         if auth == "trust":
@@ -348,9 +361,24 @@ class ClientProtocol(Protocol):
         st = self._server_transport
         if st is not None:
             self._write_server(st, data, self.transport)
+            rc = self.request_chunks
+            if rc is not None:
+                self._request_bytes += len(data)
+                if self._request_bytes > REQUEST_KEEP_LIMIT:
+                    self.request_chunks = None
+                else:
+                    rc.append(data)
             if sc.copy_ended:
                 self._after_copy_end()
             return
+        if not self._checking_out and data[0] == 81 and sc.pending == 1 and not self._held \
+                and len(data) == 1 + _LEN.unpack_from(data, 1)[0]:
+            # One whole simple Query between transactions: maybe ours.
+            cmd = custom.match(data, 5, len(data))
+            if cmd is not None:
+                sc.pending -= 1
+                self._custom_command(*cmd)
+                return
         if not self._checking_out:
             # Fast path: an idle server that needs no parameter change.
             server = self.user_pool.server_pool().take_idle()
@@ -364,8 +392,8 @@ class ClientProtocol(Protocol):
                         self._got_server(server)
                         return
                 self._checking_out = True
+                self._held.append(data)
                 self._attach(server)
-                self._write_server(server.transport, data, self.transport)
                 return
         self._held.append(data)
         self._held_len += len(data)
@@ -475,6 +503,9 @@ class ClientProtocol(Protocol):
             self._paused_waiting = False
             self.transport.resumeProducing()
         held = self._held
+        if self.transaction_mode:
+            self.request_chunks = held[:]
+            self._request_bytes = self._held_len
         if held:
             self._held = []
             self._held_len = 0
@@ -511,6 +542,25 @@ class ClientProtocol(Protocol):
         self.transport.write((err.to_message() + m.READY_IDLE) * n)
 
     # --- server events --------------------------------------------------------------------
+
+    def _custom_command(self, cmd, arg):
+        """Answer one of PgCat's custom commands (reference §4.1)."""
+        pool_cfg = self.user_pool.pool_cfg
+        if cmd == "set_server_role":
+            self.role = pool_cfg.default_role if arg == "default" else arg
+            reply = m.command_complete("SET SERVER ROLE")
+        elif cmd == "show_server_role":
+            reply = (m.row_description([("server role", 25)]) + m.data_row([self.role])
+                     + m.command_complete("SELECT 1"))
+        elif cmd == "set_primary_reads":
+            self.primary_reads = (pool_cfg.primary_reads_enabled if arg == "default"
+                                  else arg == "on")
+            reply = m.command_complete("SET PRIMARY READS")
+        else:  # show_primary_reads
+            reply = (m.row_description([("primary reads", 25)])
+                     + m.data_row(["on" if self.primary_reads else "off"])
+                     + m.command_complete("SELECT 1"))
+        self.transport.write(reply + m.READY_IDLE)
 
     def _after_copy_end(self):
         """The client ended a COPY FROM STDIN. If the server had already

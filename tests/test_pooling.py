@@ -484,3 +484,36 @@ def _connect_error(dsn):
     except psycopg.OperationalError as e:
         return str(e)
     return ""
+
+
+class CustomCommandTests(PoolerTestCase):
+    """PgCat's role commands are answered by the pooler (reference §4.1)."""
+
+    pool_extra = 'default_role = "primary"'
+
+    @defer.inlineCallbacks
+    def test_server_role_commands(self):
+        def go():
+            with psycopg.connect(self.pooler.dsn(), autocommit=True) as conn:
+                seen = [conn.execute("SHOW SERVER ROLE").fetchone()[0]]
+                conn.execute("SET SERVER ROLE TO 'replica'")
+                seen.append(conn.execute("show server role;").fetchone()[0])
+                conn.execute("  set server role to 'ANY' ;")
+                seen.append(conn.execute("SHOW SERVER ROLE").fetchone()[0])
+                conn.execute("SET SERVER ROLE TO 'default'")
+                seen.append(conn.execute("SHOW SERVER ROLE").fetchone()[0])
+                seen.append(conn.execute("SHOW PRIMARY READS").fetchone()[0])
+                conn.execute("SET PRIMARY READS TO on")
+                seen.append(conn.execute("SHOW PRIMARY READS").fetchone()[0])
+                # Not a custom command: goes to the server.
+                seen.append(conn.execute("show server_version").fetchone()[0] != "")
+                # A bad value is not ours either: the server rejects it.
+                try:
+                    conn.execute("SET SERVER ROLE TO 'nonsense'")
+                    seen.append("accepted")
+                except psycopg.Error as e:
+                    seen.append(e.sqlstate)
+                return seen
+        seen = yield in_thread(go)
+        self.assertEqual(seen, ["primary", "replica", "any", "primary", "off", "on", True,
+                                "42601"])

@@ -1,0 +1,1 @@
+"""Routing decisions (L0: no I/O): PgCat's custom SQL commands."""
