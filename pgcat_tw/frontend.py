@@ -238,6 +238,9 @@ class ClientProtocol(Protocol):
         elif auth == "md5":
             self._salt = os.urandom(4)
             self.transport.write(m.auth_md5(self._salt))
+            # PostgreSQL's PG_MAX_AUTH_TOKEN_LENGTH: an unauthenticated client
+            # cannot make the pooler buffer more than this.
+            self._buf.max_len = 65535
             self.dataReceived = self._password_data
             if len(self._buf):
                 self._password_data(b"")
@@ -405,7 +408,10 @@ class ClientProtocol(Protocol):
             self.transport.pauseProducing()
 
     def _protocol_error(self, err):
-        # Whatever reached a server so far leaves it in an unknown state.
+        # Whatever reached a server so far leaves it in an unknown state
+        # (possibly a partial message): it is closed, never reset and reused.
+        if self.server is not None:
+            self.scanner.unsynced = True
         self._fatal(err)
 
     def _on_terminate(self, data):

@@ -44,6 +44,12 @@ class PgCatService(service.MultiService):
         endpoint = serverFromString(self.reactor, listen_description(self.config.general))
         self.listening = endpoint.listen(self.factory)
         self.listening.addCallback(self._listening)
+        failed = []
+        self.listening.addErrback(failed.append)
+        if failed:
+            # TCP listens synchronously: a port in use fails the start (twistd
+            # exits non-zero with the message) instead of running deaf.
+            failed[0].raiseException()
         service.MultiService.privilegedStartService(self)
 
     def _listening(self, port):

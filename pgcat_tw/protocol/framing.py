@@ -179,6 +179,9 @@ class Scanner:
                     return
             pos = end
         if pos < n:
+            if want[data[pos]] < 0:
+                # Refuse a bad type byte now, before the chunk is forwarded.
+                self._bad_type(data[pos])
             self._head = data[pos:]
             self._state = _HEAD
         elif pos > n:
