@@ -30,6 +30,9 @@ from typing import Any, Callable
 
 import tomli
 
+from pgcat_tw.auth import md5 as _md5
+from pgcat_tw.auth import scram as _scram
+
 __all__ = [
     "ConfigError",
     "FrozenMap",
@@ -163,6 +166,9 @@ class Pool:
     auth_query: str | None = None
     auth_query_user: str | None = None
     auth_query_password: str | None = None
+    # pgcat_tw extension: pool_size of users found through auth_query that
+    # are not listed under users (inherited from [general]).
+    auth_query_pool_size: int = 10
     cleanup_server_connections: bool = True
     log_client_parameter_status_changes: bool = False
     prepared_statements_cache_size: int = 0
@@ -216,6 +222,13 @@ class General:
     tls_private_key: str | None = None
     server_tls: bool = False
     verify_server_certificate: bool = False
+    # pgcat_tw extensions for TLS (PgBouncer-like): refuse clients that do
+    # not use TLS; verify client certificates against a CA file; the CA file
+    # server certificates are verified against (default: system trust store).
+    tls_require: bool = False
+    tls_ca_file: str | None = None
+    verify_client_certificate: bool = False
+    server_tls_ca_file: str | None = None
     admin_auth_type: str = "md5"
     validate_config: bool = True
     server_round_robin: bool = True
@@ -224,6 +237,7 @@ class General:
     auth_query: str | None = None
     auth_query_user: str | None = None
     auth_query_password: str | None = None
+    auth_query_pool_size: int = 10  # pgcat_tw, see Pool.auth_query_pool_size
     # pgcat_tw extension: largest client protocol message accepted, in bytes.
     max_packet_size: int = 1073741824
 
@@ -447,6 +461,10 @@ GENERAL_SPEC: _SpecT = {
     "tls_private_key": NON_EMPTY_STRING,
     "server_tls": BOOL,
     "verify_server_certificate": BOOL,
+    "tls_require": BOOL,
+    "tls_ca_file": NON_EMPTY_STRING,
+    "verify_client_certificate": BOOL,
+    "server_tls_ca_file": NON_EMPTY_STRING,
     "admin_username": STRING,
     "admin_password": STRING,
     "admin_auth_type": AUTH_TYPE,
@@ -457,6 +475,7 @@ GENERAL_SPEC: _SpecT = {
     "auth_query": NON_EMPTY_STRING,
     "auth_query_user": STRING,
     "auth_query_password": STRING,
+    "auth_query_pool_size": POSITIVE,
     "max_packet_size": _integer(1024, 2**31 - 1, "an integer from 1024 to 2147483647"),
 }
 
@@ -489,6 +508,7 @@ POOL_SPEC: _SpecT = {
     "auth_query": NON_EMPTY_STRING,
     "auth_query_user": STRING,
     "auth_query_password": STRING,
+    "auth_query_pool_size": POSITIVE,
     "cleanup_server_connections": BOOL,
     "log_client_parameter_status_changes": BOOL,
     "prepared_statements_cache_size": NON_NEGATIVE,
@@ -647,6 +667,8 @@ class _Parser:
             self.fail("general.tls_certificate", "requires tls_private_key to be set")
         if general.tls_private_key is not None and general.tls_certificate is None:
             self.fail("general.tls_private_key", "requires tls_certificate to be set")
+        self.tls_settings(general)
+        self.secret("general.admin_password", general.admin_password, general.admin_auth_type)
         if general.auth_query is not None and (
             general.auth_query_user is None or general.auth_query_password is None
         ):
@@ -658,6 +680,57 @@ class _Parser:
 
     # -- pools --------------------------------------------------------------
 
+    def tls_settings(self, general: General):
+        """The pgcat_tw TLS keys: combinations that cannot work are errors,
+        settings that would have no effect are warnings. (The files are read
+        by pgcat_tw.tls when the service starts or reloads.)"""
+        if general.tls_require and general.tls_certificate is None:
+            self.fail("general.tls_require", "requires tls_certificate and tls_private_key")
+        if general.verify_client_certificate:
+            if general.tls_certificate is None:
+                self.fail(
+                    "general.verify_client_certificate",
+                    "requires tls_certificate and tls_private_key",
+                )
+            if general.tls_ca_file is None:
+                self.fail(
+                    "general.verify_client_certificate",
+                    "requires tls_ca_file (the CA that signs client certificates)",
+                )
+        elif general.tls_ca_file is not None:
+            self.warn(
+                "general.tls_ca_file",
+                "has no effect unless verify_client_certificate = true",
+            )
+        if general.verify_server_certificate and not general.server_tls:
+            self.warn(
+                "general.verify_server_certificate",
+                "has no effect unless server_tls = true",
+            )
+        if general.server_tls_ca_file is not None and not general.verify_server_certificate:
+            self.warn(
+                "general.server_tls_ca_file",
+                "has no effect unless verify_server_certificate = true",
+            )
+
+    def secret(self, keypath: str, password: str | None, auth_type: str):
+        """A password may be plaintext, an md5 secret or a SCRAM-SHA-256
+        secret; a SCRAM secret must parse, and scram-sha-256 cannot work
+        from an md5 secret."""
+        if password is None:
+            return
+        if _scram.is_scram_secret(password):
+            try:
+                _scram.parse_secret(password)
+            except ValueError as e:
+                self.fail(keypath, str(e))
+        elif auth_type == "scram-sha-256" and _md5.is_md5_secret(password):
+            self.fail(
+                keypath,
+                'is an md5 secret, which cannot be used with auth_type "scram-sha-256";'
+                " give the plaintext password or a SCRAM-SHA-256 secret",
+            )
+
     def pool(self, name: str, raw: Any, general: General) -> Pool:
         keypath = _key("pools", name)
         table = self.table(raw, keypath)
@@ -665,7 +738,8 @@ class _Parser:
             table, keypath, Pool, POOL_SPEC, skip=("users", "shards", "plugins")
         )
         # Like PgCat, pools inherit the auth_query settings of [general].
-        for key in ("auth_query", "auth_query_user", "auth_query_password"):
+        for key in ("auth_query", "auth_query_user", "auth_query_password",
+                    "auth_query_pool_size"):
             if values.get(key) is None:
                 values[key] = getattr(general, key)
         if values["auth_query"] is not None and (
@@ -720,6 +794,9 @@ class _Parser:
                     f" (also used by {_key(keypath, seen[user.username])})",
                 )
             seen[user.username] = key
+            self.secret(_key(user_path, "password"), user.password, user.auth_type)
+            if user.server_password is not None and _scram.is_scram_secret(user.server_password):
+                self.secret(_key(user_path, "server_password"), user.server_password, "md5")
             if user.password is None and user.auth_type != "trust" and not auth_query:
                 self.fail(
                     _key(user_path, "password"),

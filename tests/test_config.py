@@ -813,3 +813,117 @@ class DiffTests(SynchronousTestCase):
         self.assertEqual(d.pools_changed, ("app",))
         self.assertTrue(d.plugins_changed)
         self.assertTrue(d.changed)
+
+
+class AuthAndTLSSettingsTests(SynchronousTestCase):
+    """pgcat_tw's TLS and authentication keys (issue 3)."""
+
+    SCRAM = ("SCRAM-SHA-256$4096:c2FsdHNhbHRzYWx0c2FsdA==$"
+             + "A" * 43 + "=:" + "B" * 43 + "=")
+
+    def error(self, data):
+        try:
+            config.from_dict(data, "t.toml")
+        except ConfigError as e:
+            return str(e)
+        self.fail("no ConfigError")
+
+    def test_defaults(self):
+        cfg, _ = config.parse(MINIMAL_TOML)
+        g = cfg.general
+        self.assertEqual(
+            (g.tls_require, g.tls_ca_file, g.verify_client_certificate, g.server_tls_ca_file,
+             g.auth_query_pool_size, cfg.pool("app").auth_query_pool_size),
+            (False, None, False, None, 10, 10))
+
+    def test_values(self):
+        data = base()
+        data["general"].update(tls_certificate="c.pem", tls_private_key="k.pem",
+                               tls_require=True, verify_client_certificate=True,
+                               tls_ca_file="ca.pem", server_tls=True,
+                               verify_server_certificate=True, server_tls_ca_file="sca.pem",
+                               auth_query_pool_size=7)
+        cfg, warnings = config.from_dict(data)
+        self.assertEqual(warnings, [])
+        g = cfg.general
+        self.assertEqual((g.tls_require, g.tls_ca_file, g.server_tls_ca_file),
+                         (True, "ca.pem", "sca.pem"))
+        self.assertEqual(cfg.pool("app").auth_query_pool_size, 7)   # inherited
+        pool(data)["auth_query_pool_size"] = 2
+        cfg, _ = config.from_dict(data)
+        self.assertEqual(cfg.pool("app").auth_query_pool_size, 2)
+
+    def test_types(self):
+        for key, value, fragment in [("tls_require", "yes", "boolean"),
+                                     ("verify_client_certificate", 1, "boolean"),
+                                     ("tls_ca_file", "", "non-empty string"),
+                                     ("server_tls_ca_file", 3, "non-empty string"),
+                                     ("auth_query_pool_size", 0, "positive integer")]:
+            data = base()
+            data["general"][key] = value
+            self.assertIn(f"t.toml: general.{key}: must be a {fragment}", self.error(data))
+
+    def test_tls_require_needs_certificate(self):
+        data = base()
+        data["general"]["tls_require"] = True
+        self.assertIn("general.tls_require: requires tls_certificate", self.error(data))
+
+    def test_client_certificates_need_ca_and_certificate(self):
+        data = base()
+        data["general"]["verify_client_certificate"] = True
+        self.assertIn("general.verify_client_certificate: requires tls_certificate",
+                      self.error(data))
+        data["general"].update(tls_certificate="c.pem", tls_private_key="k.pem")
+        self.assertIn("general.verify_client_certificate: requires tls_ca_file",
+                      self.error(data))
+
+    def test_settings_without_effect_warn(self):
+        data = base()
+        data["general"].update(tls_ca_file="ca.pem", verify_server_certificate=True,
+                               server_tls_ca_file="sca.pem")
+        _, warnings = config.from_dict(data, "t.toml")
+        self.assertEqual(sorted(warnings), [
+            "t.toml: general.tls_ca_file: has no effect unless "
+            "verify_client_certificate = true",
+            "t.toml: general.verify_server_certificate: has no effect unless server_tls = true",
+        ])
+        data["general"]["verify_server_certificate"] = False
+        _, warnings = config.from_dict(data, "t.toml")
+        self.assertIn("t.toml: general.server_tls_ca_file: has no effect unless "
+                      "verify_server_certificate = true", warnings)
+
+    def test_stored_secrets(self):
+        md5 = "md5" + "0123456789abcdef" * 2
+        for auth_type in ("md5", "scram-sha-256"):
+            data = base()
+            user(data).update(password=self.SCRAM, auth_type=auth_type)
+            config.from_dict(data)
+        data = base()
+        user(data).update(password=md5)
+        config.from_dict(data)
+        user(data)["auth_type"] = "scram-sha-256"
+        self.assertIn('pools.app.users.0.password: is an md5 secret, which cannot be used '
+                      'with auth_type "scram-sha-256"', self.error(data))
+
+    def test_malformed_scram_secret(self):
+        data = base()
+        user(data)["password"] = "SCRAM-SHA-256$4096:nope"
+        self.assertIn("pools.app.users.0.password: not a valid SCRAM-SHA-256 secret",
+                      self.error(data))
+        data = base()
+        user(data)["server_password"] = "SCRAM-SHA-256$"
+        self.assertIn("pools.app.users.0.server_password: not a valid", self.error(data))
+
+    def test_admin_secret(self):
+        data = base()
+        data["general"].update(admin_password="md5" + "ab" * 16,
+                               admin_auth_type="scram-sha-256")
+        self.assertIn("general.admin_password: is an md5 secret", self.error(data))
+        data["general"]["admin_password"] = self.SCRAM
+        config.from_dict(data)
+
+    def test_tls_example_file(self):
+        cfg, warnings = config.load(os.path.join(CONF_DIR, "pgcat.tls.toml"))
+        self.assertEqual(warnings, [])
+        self.assertTrue(cfg.general.tls_require)
+        self.assertEqual(cfg.pool("app").users[0].auth_type, "scram-sha-256")
