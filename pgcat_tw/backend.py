@@ -17,16 +17,19 @@ import socket
 
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from zope.interface import alsoProvides
 
 from pgcat_tw.auth import md5 as md5_auth
-from pgcat_tw.auth.scram import ScramClientExchange
+from pgcat_tw.auth.scram import ScramClientExchange, is_scram_secret
 from pgcat_tw.errors import PgError, ServerConnectionFailed, ServerError
 from pgcat_tw.protocol import codes
 from pgcat_tw.protocol import messages as m
 from pgcat_tw.protocol.framing import FramingError, MessageBuffer
-from pgcat_tw.relay import ServerScanner, detach_producer, writer_for
+from pgcat_tw.relay import ServerScanner, detach_producer, registered_producer, writer_for
+from pgcat_tw.tls import describe_handshake_failure
 
 log = Logger()
 
@@ -108,13 +111,55 @@ class ServerConnection(Protocol):
 
     # --- login --------------------------------------------------------------
 
+    tls = None            # a TLS connection creator when server_tls is on
+    tls_state = None      # None, "requested", "handshake", "up"
+
     def connectionMade(self):
         set_keepalive(self.transport, *self.keepalive)
         self.writer = writer_for(self.transport)
         unwrap_endpoint_protocol(self)
+        if self.tls is not None:
+            self.tls_state = "requested"
+            self.dataReceived = self._ssl_answer
+            self.transport.write(m.ssl_request())
+            return
+        self._send_startup()
+
+    def _send_startup(self):
         params = {"user": self.user, "database": self.database}
         params.update(self._extra)
         self.transport.write(m.startup_message(params))
+
+    def _ssl_answer(self, data):
+        """The server's one-byte answer to SSLRequest."""
+        answer = data[:1]
+        where = f"server {self.host}:{self.port}"
+        if answer == b"S":
+            if len(data) > 1:
+                # Bytes before the handshake did not come from the server's
+                # TLS layer: someone is injecting (CVE-2021-23222).
+                self._login_failed(ServerConnectionFailed(
+                    f"{where} sent unencrypted data after its SSL response"))
+                return
+            self.tls_state = "handshake"
+            alsoProvides(self, IHandshakeListener)
+            self.dataReceived = self._login_data
+            self.transport.startTLS(self.tls)
+            # TLS transports are written through Twisted (relay.plain_write).
+            self.writer = writer_for(self.transport)
+            self._send_startup()
+        elif answer == b"N":
+            self._login_failed(ServerConnectionFailed(
+                f"{where} does not accept TLS connections (it answered SSLRequest with "
+                f"'N') and server_tls = true: enable ssl on the server or set "
+                f"server_tls = false"))
+        else:
+            self._login_failed(ServerConnectionFailed(
+                f"{where}: unexpected answer {bytes(answer)!r} to SSLRequest"))
+
+    def handshakeCompleted(self):
+        """IHandshakeListener (declared once TLS starts)."""
+        self.tls_state = "up"
 
     def _cancel_login(self, d):
         self.closed = True
@@ -176,13 +221,20 @@ class ServerConnection(Protocol):
         if code in (codes.AUTH_CLEARTEXT, codes.AUTH_MD5, codes.AUTH_SASL) and password is None:
             raise ValueError(f"server asks for a password but none is configured for user \"{self.user}\"")
         if code == codes.AUTH_CLEARTEXT:
-            if md5_auth.is_md5_secret(password):
-                raise ValueError("server asks for a cleartext password but only an md5 secret is configured")
+            if md5_auth.is_md5_secret(password) or is_scram_secret(password):
+                raise ValueError("server asks for a cleartext password but only a secret "
+                                 "(md5 or SCRAM) is known for this user")
             self.transport.write(m.password_message(m.cstr(password)))
         elif code == codes.AUTH_MD5:
+            if is_scram_secret(password):
+                raise ValueError("server asks for md5 authentication but only a SCRAM secret "
+                                 "is known for this user")
             self.transport.write(m.password_message(
                 md5_auth.client_response(self.user, password, body[4:8])[:-1] + b"\x00"))
         elif code == codes.AUTH_SASL:
+            if md5_auth.is_md5_secret(password):
+                raise ValueError("server asks for SCRAM authentication but only an md5 secret "
+                                 "is known for this user")
             self._scram = ScramClientExchange(self.user, password)
             mech, first = self._scram.start(m.parse_sasl_mechanisms(body[4:]))
             self.transport.write(m.sasl_initial_response(mech, first))
@@ -281,6 +333,21 @@ class ServerConnection(Protocol):
             d.addTimeout(timeout, self.reactor, onTimeoutCancel=self._iq_timeout)
         return d
 
+    def run_extended(self, sql, params, timeout=None):
+        """Run one statement with bound text parameters (extended protocol,
+        so a parameter can never be read as SQL). Fires like ``run`` with a
+        one-element list; the QueryResult has rows but no column names."""
+        assert self._iq is None, "internal query already running"
+        d = defer.Deferred()
+        results = [QueryResult()]
+        self._iq = [d, results, 0]
+        self.state = "internal"
+        self.dataReceived = self._internal_data
+        self.transport.write(m.extended_query(sql, params))
+        if timeout:
+            d.addTimeout(timeout, self.reactor, onTimeoutCancel=self._iq_timeout)
+        return d
+
     def _iq_timeout(self, result, timeout):
         self.close()
         return ServerConnectionFailed(
@@ -349,9 +416,12 @@ class ServerConnection(Protocol):
         self.state = "closed"
         if prev == "login" or not self.ready.called:
             if not self.ready.called:
-                self.ready.errback(ServerConnectionFailed(
-                    f"server {self.host}:{self.port} closed the connection during login: "
-                    f"{reason.getErrorMessage()}"))
+                if self.tls_state == "handshake":
+                    why = describe_handshake_failure(reason, self.host, self.port)
+                else:
+                    why = (f"server {self.host}:{self.port} closed the connection during "
+                           f"login: {reason.getErrorMessage()}")
+                self.ready.errback(ServerConnectionFailed(why))
             return
         if self._iq is not None:
             d = self._iq[0]
@@ -371,7 +441,7 @@ class ServerConnection(Protocol):
         self.client = None
         self.scanner.client = None
         self._client_transport = None
-        if ct is not None and getattr(ct, "producer", None) is self.transport:
+        if ct is not None and registered_producer(ct) is self.transport:
             ct.unregisterProducer()
         self.dataReceived = self._idle_data
 
@@ -410,11 +480,14 @@ def quiet_factory(proto):
 
 
 def connect(reactor, host, port, user, password, database, timeout, extra_params=None,
-            keepalive=None):
-    """Connect and log in; fires with a ready ServerConnection."""
+            keepalive=None, tls=None):
+    """Connect and log in; fires with a ready ServerConnection.
+    ``tls``: the service's tls.TLSState (TLS is used when its server_tls is on)."""
     proto = ServerConnection(reactor, host, port, user, password, database, extra_params)
     if keepalive is not None:
         proto.keepalive = keepalive
+    if tls is not None:
+        proto.tls = tls.server_creator(host)
     endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
     d = endpoint.connect(quiet_factory(proto))
 

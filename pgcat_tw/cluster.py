@@ -9,7 +9,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from pgcat_tw import backend
-from pgcat_tw.config import resolve
+from pgcat_tw.config import User, resolve
 from pgcat_tw.errors import ServerConnectionFailed
 from pgcat_tw.pool import ConnectionPool
 from pgcat_tw.relay import TRACKED_PARAMETERS
@@ -31,6 +31,10 @@ def set_parameter_sql(name, value):
 
 
 class UserPool:
+    tls = None              # tls.TLSState of the service (server_tls)
+    dynamic = False         # a user found through auth_query, not listed
+    password_learned = False  # server_password came from auth_query
+
     def __init__(self, reactor, config, pool_cfg, user_cfg):
         self.reactor = reactor
         self.config = config
@@ -63,7 +67,7 @@ class UserPool:
         def connect():
             return backend.connect(self.reactor, addr.host, addr.port, self.server_user,
                                    self.server_password, shard.database, timeout,
-                                   keepalive=self.keepalive)
+                                   keepalive=self.keepalive, tls=self.tls)
 
         pool = ConnectionPool(
             self.reactor, name, connect, pool_size=s.pool_size, min_pool_size=s.min_pool_size,
@@ -104,15 +108,25 @@ class UserPool:
             p.close()
 
 
+def auth_query_user(pool_cfg, username):
+    """The settings of a user that auth_query knows and the pool does not
+    list: no password of its own (auth_query supplies it), the pool's
+    auth_query_pool_size, everything else from the pool and [general]."""
+    return User(key=f"auth_query:{username}", username=username,
+                pool_size=pool_cfg.auth_query_pool_size)
+
+
 class Cluster:
     """Every UserPool of one Config."""
 
-    def __init__(self, reactor, config, previous=None):
+    def __init__(self, reactor, config, previous=None, tls=None):
         """``previous``: the Cluster being replaced by a reload; its UserPools
         whose pool section and general settings are unchanged are kept (with
-        their connections), the others are closed by ``retire``."""
+        their connections), the others are closed by ``retire``.
+        ``tls``: the service's tls.TLSState (default: the previous one's)."""
         self.reactor = reactor
         self.config = config
+        self.tls = tls if tls is not None else getattr(previous, "tls", None)
         self.user_pools = {}
         keep = previous.user_pools if previous is not None else {}
         same_general = previous is not None and previous.config.general == config.general
@@ -124,7 +138,46 @@ class Cluster:
                     old.config = config
                     self.user_pools[key] = old
                 else:
-                    self.user_pools[key] = UserPool(reactor, config, pool_cfg, user_cfg)
+                    self.user_pools[key] = self._new_user_pool(pool_cfg, user_cfg, old)
+        self._keep_auth_query_users(keep, same_general)
+
+    def _new_user_pool(self, pool_cfg, user_cfg, old=None, dynamic=False):
+        up = UserPool(self.reactor, self.config, pool_cfg, user_cfg)
+        up.tls = self.tls
+        up.dynamic = dynamic
+        if old is not None and old.password_learned and up.server_password is None:
+            # A secret auth_query fetched: keep using it until the next login
+            # of this user fetches it again.
+            up.server_password = old.server_password
+            up.password_learned = True
+        return up
+
+    def _keep_auth_query_users(self, previous, same_general):
+        """Users known through auth_query stay known across a reload while
+        their pool still has auth_query and does not list them."""
+        for (pool_name, username), old in previous.items():
+            if not old.dynamic:
+                continue
+            pool_cfg = self.config.pool(pool_name)
+            if pool_cfg is None or not pool_cfg.auth_query_configured \
+                    or pool_cfg.user(username) is not None:
+                continue
+            if same_general and old.pool_cfg == pool_cfg:
+                old.config = self.config
+                self.user_pools[(pool_name, username)] = old
+            else:
+                self.user_pools[(pool_name, username)] = self._new_user_pool(
+                    pool_cfg, auth_query_user(pool_cfg, username), old, dynamic=True)
+
+    def add_auth_query_user(self, pool_cfg, username):
+        """The UserPool of a user that auth_query authenticated and the pool
+        does not list (created at its first login)."""
+        key = (pool_cfg.name, username)
+        up = self.user_pools.get(key)
+        if up is None:
+            up = self.user_pools[key] = self._new_user_pool(
+                pool_cfg, auth_query_user(pool_cfg, username), dynamic=True)
+        return up
 
     def retire(self, replaced_by):
         """Close the pools the new Cluster did not take over."""

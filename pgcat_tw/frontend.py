@@ -18,11 +18,24 @@ import os
 import struct
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import alsoProvides
 
 from pgcat_tw.auth import md5 as md5_auth
+from pgcat_tw.auth.md5 import is_md5_secret
+from pgcat_tw.auth.scram import (
+    ScramAuthFailed,
+    ScramProtocolError,
+    ScramServerExchange,
+    is_scram_secret,
+    mock_secret,
+    remember_client_key,
+    secret_for,
+)
+from pgcat_tw.auth_query import AuthQueries
 from pgcat_tw.backend import set_keepalive
 from pgcat_tw.cancel import forward_cancel
 from pgcat_tw.cluster import set_parameter_sql
@@ -38,6 +51,7 @@ from pgcat_tw.protocol import codes
 from pgcat_tw.protocol import messages as m
 from pgcat_tw.protocol.framing import FramingError, MessageBuffer
 from pgcat_tw.relay import TRACKED_PARAMETERS, ClientScanner, writer_for
+from pgcat_tw.tls import ALPN_PROTOCOL, end_point_hash
 from pgcat_tw.router import custom
 
 log = Logger()
@@ -59,6 +73,8 @@ def _shutdown_error():
 class ClientFactory(Factory):
     noisy = False
     draining = False
+    tls = None            # tls.TLSState of the service (None: no TLS at all)
+    auth_queries = None   # auth_query.AuthQueries (made on first use if None)
 
     def __init__(self, reactor, get_cluster, cancel_keys):
         self.reactor = reactor
@@ -140,7 +156,18 @@ class ClientProtocol(Protocol):
 
     # --- startup phase ------------------------------------------------------------
 
+    _tls = False              # the client connection is encrypted
+    _tls_direct = False       # ... by PostgreSQL 17's direct TLS (no SSLRequest)
+    _started = False          # a startup packet has been read
+    _secret = None            # the password or secret the client is checked against
+    _scram = None             # auth.scram.ScramServerExchange while it runs
+
     def _startup_data(self, data):
+        if data[:1] == b"\x16" and not self._started and not self._tls and not len(self._buf):
+            # A TLS ClientHello as the very first bytes: direct TLS
+            # (sslnegotiation=direct); a startup packet cannot begin so.
+            self._begin_direct_tls(data)
+            return
         self._buf.feed(data)
         try:
             while self.dataReceived == self._startup_data and not self._closing:
@@ -156,16 +183,27 @@ class ClientProtocol(Protocol):
     def _on_startup_packet(self, body):
         if len(body) < 4:
             raise ValueError("too short")
+        self._started = True
         (code,) = m._I32.unpack_from(body, 0)
         if code in (codes.SSL_REQUEST, codes.GSSENC_REQUEST):
             if len(body) != 4:
                 raise ValueError("SSLRequest/GSSENCRequest with a payload")
+            if self._tls:
+                self._fatal(ProtocolViolation(
+                    "SSLRequest or GSSENCRequest received on an encrypted connection"))
+                return
             if len(self._buf):
-                # Bytes pipelined after the request before our answer.
+                # Bytes pipelined after the request before our answer: they
+                # would be taken as sent under TLS (CVE-2021-23214).
                 self._fatal(ProtocolViolation(
                     "received unencrypted data after SSL or GSSAPI encryption request"))
                 return
-            self.transport.write(b"N")
+            options = self._tls_options() if code == codes.SSL_REQUEST else None
+            if options is None:
+                self.transport.write(b"N")
+                return
+            self.transport.write(b"S")
+            self._start_tls(options)
             return
         if code == codes.CANCEL_REQUEST:
             if len(body) != 12:
@@ -191,6 +229,61 @@ class ClientProtocol(Protocol):
                 del params[o]
         self._on_startup(params)
 
+    # --- TLS ------------------------------------------------------------------------
+
+    def _tls_options(self):
+        tls = self.factory.tls
+        return tls.client_options if tls is not None else None
+
+    def _start_tls(self, options):
+        self._tls = True
+        alsoProvides(self, IHandshakeListener)
+        self.transport.startTLS(options)
+        # TLS transports are written through Twisted, not straight to the
+        # socket (relay.plain_write).
+        self.writer = writer_for(self.transport)
+
+    def _begin_direct_tls(self, data):
+        options = self._tls_options()
+        if options is None:
+            # Nothing a TLS client could read: just close.
+            log.info("client {peer}: direct TLS connection refused, no tls_certificate "
+                     "configured", peer=str(self.peer))
+            self._closing = True
+            self.transport.loseConnection()
+            return
+        self._tls_direct = True
+        self._start_tls(options)
+        tls_layer = getattr(self.transport, "protocol", None)
+        if tls_layer is None or tls_layer is self:
+            self._fatal(ProtocolViolation("direct TLS is not available on this transport"))
+            return
+        # The ClientHello arrived before TLS started: hand it to the TLS layer.
+        tls_layer.dataReceived(data)
+
+    def handshakeCompleted(self):
+        """IHandshakeListener (declared once TLS starts). Direct TLS must
+        negotiate ALPN "postgresql", as in PostgreSQL 17."""
+        if self._tls_direct:
+            try:
+                proto = self.transport.getHandle().get_alpn_proto_negotiated()
+            except Exception:  # noqa: BLE001 - no ALPN support
+                proto = None
+            if proto != ALPN_PROTOCOL:
+                self._fatal(ProtocolViolation(
+                    "received direct SSL connection request without ALPN protocol "
+                    "negotiation extension"))
+
+    def _channel_binding(self):
+        """tls-server-end-point data of this connection's certificate, or None."""
+        if not self._tls:
+            return None
+        try:
+            cert = self.transport.getHandle().get_certificate()
+        except Exception:  # noqa: BLE001
+            return None
+        return end_point_hash(cert) if cert is not None else None
+
     def _on_cancel(self, pid, secret):
         client = self.factory.cancel_keys.lookup(pid, secret)
         if client is None:
@@ -215,6 +308,11 @@ class ClientProtocol(Protocol):
         if cluster.config.general.log_client_connections:
             log.info("client connected: user={user} database={database} peer={peer}",
                      user=user, database=database, peer=str(self.peer))
+        if cluster.config.general.tls_require and not self._tls:
+            self._fatal(InvalidAuthorization(
+                f'connection for user "{user}" refused: TLS is required (tls_require) and '
+                "this connection is not encrypted; connect with sslmode=require"))
+            return
         pool_cfg, user_cfg, user_pool = cluster.find(database, user)
         if pool_cfg is None:
             if database in _ADMIN_DATABASES:
@@ -223,30 +321,167 @@ class ClientProtocol(Protocol):
             else:
                 self._fatal(UnknownDatabase(f'no pool configured for database "{database}"'))
             return
-        if user_cfg is None:
+        auth_query = pool_cfg.auth_query_configured
+        if user_cfg is None and not auth_query:
             self._fatal(InvalidAuthorization(
                 f'no user "{user}" configured in pool "{database}"'))
             return
+        if user_pool is not None:
+            self._use_user_pool(pool_cfg, user_pool)
+        self._user_cfg = user_cfg
+        # PostgreSQL's PG_MAX_AUTH_TOKEN_LENGTH: an unauthenticated client
+        # cannot make the pooler buffer more than this.
+        self._buf.max_len = 65535
+        if user_cfg is not None and user_cfg.auth_type == "trust":
+            self._authenticated()
+        elif user_cfg is not None and user_cfg.password is not None:
+            self._start_auth(user_cfg.auth_type, user_cfg.password)
+        else:
+            # auth_query: the secret comes from PostgreSQL; whatever the
+            # client sends meanwhile waits in the buffer.
+            self.dataReceived = self._auth_wait_data
+            queries = self.factory.auth_queries
+            if queries is None:
+                queries = self.factory.auth_queries = AuthQueries(self.reactor, self.factory.tls)
+            d = queries.fetch(cluster.config, pool_cfg, user)
+            d.addCallbacks(self._secret_fetched, self._secret_fetch_failed,
+                           callbackArgs=(pool_cfg, user_cfg))
+
+    def _auth_wait_data(self, data):
+        # Nothing is expected before the authentication request.
+        self._buf.feed(data)
+        if len(self._buf) > 65540:
+            self._fatal(ProtocolViolation("unexpected data before the authentication request"))
+
+    def _use_user_pool(self, pool_cfg, user_pool):
         self.user_pool = user_pool
         self.transaction_mode = user_pool.mode == "transaction"
         self.role = pool_cfg.default_role          # 'primary' | 'replica' | 'any' | 'auto'
         self.primary_reads = pool_cfg.primary_reads_enabled
-        self._user_cfg = user_cfg
-        auth = user_cfg.auth_type
-        if auth == "trust":
-            self._authenticated()
-        elif auth == "md5":
+
+    # --- authentication ---------------------------------------------------------------
+
+    def _start_auth(self, method, secret):
+        """Ask for the password. ``method``: the user's auth_type (md5 or
+        scram-sha-256); ``secret``: plaintext, md5 secret, SCRAM secret, or
+        None for a user that does not exist (then a SCRAM exchange runs to
+        its end and fails like a wrong password)."""
+        self._secret = secret
+        if method == "md5" and secret is not None and not is_scram_secret(secret):
             self._salt = os.urandom(4)
             self.transport.write(m.auth_md5(self._salt))
-            # PostgreSQL's PG_MAX_AUTH_TOKEN_LENGTH: an unauthenticated client
-            # cannot make the pooler buffer more than this.
-            self._buf.max_len = 65535
             self.dataReceived = self._password_data
             if len(self._buf):
                 self._password_data(b"")
-        else:
-            self._fatal(InvalidAuthorization(
-                f'authentication method "{auth}" for user "{user}" is not supported yet'))
+            return
+        # SCRAM-SHA-256; also for auth_type md5 with a SCRAM secret, as
+        # PostgreSQL does.
+        mock = secret is None
+        scram_secret = None
+        if not mock:
+            try:
+                scram_secret = secret_for(secret)
+            except ValueError as e:
+                log.warn('user "{user}" cannot log in with SCRAM: {reason}',
+                         user=self.user, reason=str(e))
+                mock = True
+        if mock:
+            scram_secret = mock_secret(self.user)
+        ex = ScramServerExchange(scram_secret, channel_binding=self._channel_binding(),
+                                 mock=mock)
+        # A stored SCRAM secret: keep the client's key to log in to servers.
+        ex.passthrough = not mock and is_scram_secret(secret)
+        self._scram = ex
+        self.transport.write(m.auth_sasl(ex.mechanisms))
+        self.dataReceived = self._sasl_data
+        if len(self._buf):
+            self._sasl_data(b"")
+
+    def _secret_fetched(self, secret, pool_cfg, user_cfg):
+        if self.transport is None or self._closing:
+            return
+        if secret is not None and not (is_md5_secret(secret) or is_scram_secret(secret)):
+            log.warn('pool "{pool}": auth_query returned something that is neither an md5 '
+                     'nor a SCRAM-SHA-256 secret for user "{user}"', pool=pool_cfg.name,
+                     user=self.user)
+        method = user_cfg.auth_type if user_cfg is not None else "md5"
+        self._start_auth(method, secret)
+
+    def _secret_fetch_failed(self, failure):
+        if self.transport is None or self._closing:
+            return
+        # The reason is logged (auth_query.py); the client learns nothing
+        # about the user from it.
+        self._fatal(ServerConnectionFailed(
+            "authentication failed: the password could not be looked up (auth_query)",
+            severity="FATAL"))
+
+    def _auth_failed(self):
+        # One message whatever was wrong: the password, the user, the method.
+        self._fatal(AuthenticationFailed(
+            f'password authentication failed for user "{self.user}"'))
+
+    def _sasl_data(self, data):
+        self._buf.feed(data)
+        while self.dataReceived == self._sasl_data and not self._closing:
+            try:
+                msg = self._buf.next_message()
+            except FramingError as e:
+                self._fatal(ProtocolViolation(e.message))
+                return
+            if msg is None:
+                return
+            t, body = msg
+            if t != codes.F_PASSWORD:
+                self._fatal(ProtocolViolation(
+                    f"expected SASL response, got message type {chr(t)!r}"))
+                return
+            ex = self._scram
+            try:
+                if ex.mechanism is None:
+                    mechanism, first = m.parse_sasl_initial_response(body)
+                    self.transport.write(m.auth_sasl_continue(ex.client_first(mechanism, first)))
+                    continue
+                final = ex.client_final(body)
+            except ScramAuthFailed:
+                self._auth_failed()
+                return
+            except (ScramProtocolError, ValueError, struct.error) as e:
+                self._fatal(ProtocolViolation(f"malformed SCRAM message: {e}"
+                                              if not isinstance(e, ScramProtocolError)
+                                              else str(e)))
+                return
+            if ex.passthrough:
+                remember_client_key(ex.client_key)
+            self._scram = None
+            self.transport.write(m.auth_sasl_final(final))
+            self._password_ok()
+            return
+
+    def _password_ok(self):
+        """The client proved its password: bind it to its pool (a user that
+        only auth_query knows gets one now) and log in."""
+        if self.user_pool is None or self._user_cfg is None \
+                or self._user_cfg.password is None:
+            cluster = self.factory.get_cluster()
+            pool_cfg = cluster.config.pool(self.database)
+            if pool_cfg is None:
+                self._fatal(UnknownDatabase(f'no pool configured for database "{self.database}"'))
+                return
+            up = self.user_pool
+            if up is None or up.closed:
+                _, _, up = cluster.find(self.database, self.user)
+                if up is None:
+                    up = cluster.add_auth_query_user(pool_cfg, self.user)
+                self._use_user_pool(pool_cfg, up)
+            ucfg = up.user_cfg
+            if ucfg.server_password is None and ucfg.password is None \
+                    and ucfg.server_username in (None, self.user) and self._secret:
+                # The secret auth_query fetched logs in to the servers too.
+                up.server_password = self._secret
+                up.password_learned = True
+            self._user_cfg = ucfg
+        self._authenticated()
 
     def _password_data(self, data):
         self._buf.feed(data)
@@ -262,12 +497,10 @@ class ClientProtocol(Protocol):
             self._fatal(ProtocolViolation(
                 f"expected password response, got message type {chr(t)!r}"))
             return
-        password = self._user_cfg.password or ""
-        if not md5_auth.verify(self.user, password, self._salt, body):
-            self._fatal(AuthenticationFailed(
-                f'password authentication failed for user "{self.user}"'))
+        if not md5_auth.verify(self.user, self._secret or "", self._salt, body):
+            self._auth_failed()
             return
-        self._authenticated()
+        self._password_ok()
 
     # --- login ----------------------------------------------------------------------
 

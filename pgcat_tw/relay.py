@@ -236,9 +236,18 @@ def detach_producer(transport, peer):
     """Undo a registration made by a writer and resume ``peer`` in case it
     was paused on ``transport``'s behalf."""
     if transport is not None and peer is not None \
-            and getattr(transport, "producer", None) is peer:
+            and registered_producer(transport) is peer:
         transport.unregisterProducer()
         peer.resumeProducing()
+
+
+def registered_producer(transport):
+    """The producer registered on ``transport``. On a TLS transport Twisted
+    registers a wrapper (``_ProducerMembrane``) holding it."""
+    p = getattr(transport, "producer", None)
+    if p is not None and getattr(transport, "TLS", False):
+        p = getattr(p, "_producer", p)
+    return p
 
 
 def writer_for(transport):

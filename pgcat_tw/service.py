@@ -10,8 +10,10 @@ from twisted.logger import Logger
 from pgcat_tw.cancel import CancelKeys
 from pgcat_tw.cluster import Cluster
 from pgcat_tw.config import ConfigError, load
+from pgcat_tw.auth_query import AuthQueries
 from pgcat_tw.frontend import ClientFactory
 from pgcat_tw.janitor import Janitor
+from pgcat_tw.tls import TLSError, TLSState
 
 log = Logger()
 
@@ -26,9 +28,16 @@ class PgCatService(service.MultiService):
         service.MultiService.__init__(self)
         self.reactor = reactor
         self.config_path = config_path
-        self.cluster = Cluster(reactor, config)
+        try:
+            self.tls = TLSState(config.general)
+        except TLSError as e:
+            raise ConfigError(config.path, "general", str(e)) from None
+        self.auth_queries = AuthQueries(reactor, self.tls)
+        self.cluster = Cluster(reactor, config, tls=self.tls)
         self.cancel_keys = CancelKeys()
         self.factory = ClientFactory(reactor, lambda: self.cluster, self.cancel_keys)
+        self.factory.tls = self.tls
+        self.factory.auth_queries = self.auth_queries
         self.port = None              # IListeningPort once listening
         self.janitor = Janitor(reactor, lambda: self.cluster)
         self.janitor.setServiceParent(self)
@@ -72,6 +81,7 @@ class PgCatService(service.MultiService):
         if self.port is not None:
             yield self.port.stopListening()
         self.cluster.close()
+        self.auth_queries.close()
         for client in list(self.factory.clients):
             if client.transport is not None:
                 client.transport.loseConnection()
@@ -91,6 +101,10 @@ class PgCatService(service.MultiService):
         if (config.general.host, config.general.port) != (old.config.general.host,
                                                            old.config.general.port):
             log.warn("reload: host/port changes need a restart; keeping the listener")
+        # Certificates and keys are re-read even if their paths did not
+        # change; one that cannot be read keeps the previous in force.
+        for problem in self.tls.reload(config.general):
+            log.error("reload: {problem}", problem=problem)
         self.cluster = Cluster(self.reactor, config, previous=old)
         old.retire(self.cluster)
         log.info("configuration reloaded from {path}", path=self.config_path)

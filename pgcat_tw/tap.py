@@ -17,6 +17,13 @@ class Options(usage.Options):
             self.loaded = load(self["config"])
         except ConfigError as e:
             raise usage.UsageError(str(e))
+        # Certificates and keys must load (PgCat validates them at start too).
+        from pgcat_tw.tls import TLSError, TLSState
+
+        try:
+            TLSState(self.loaded[0].general)
+        except TLSError as e:
+            raise usage.UsageError(f"{self['config']}: general: {e}")
 
 
 def makeService(options):

@@ -142,6 +142,22 @@ def query(sql):
     return _msg(b"Q", cstr(sql))
 
 
+def extended_query(sql, params=()):
+    """Parse (unnamed, types inferred) + Bind (text parameters, None for NULL)
+    + Execute + Sync: one statement with bound parameters."""
+    parse = cstr("") + cstr(sql) + struct.pack("!h", 0)
+    bind = [cstr(""), cstr(""), struct.pack("!hh", 0, len(params))]
+    for p in params:
+        if p is None:
+            bind.append(_I32.pack(-1))
+        else:
+            p = p.encode("utf-8") if isinstance(p, str) else p
+            bind.append(_I32.pack(len(p)) + p)
+    bind.append(struct.pack("!h", 0))
+    return (_msg(b"P", parse) + _msg(b"B", b"".join(bind))
+            + _msg(b"E", cstr("") + _I32.pack(0)) + _msg(b"S", b""))
+
+
 TERMINATE = _msg(b"X", b"")
 SYNC = _msg(b"S", b"")
 
