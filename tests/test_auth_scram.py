@@ -480,6 +480,27 @@ class ChannelBindingTests(PoolerTestCase):
         self.assertEqual((code, out.strip()), (0, b"pgcat_scram"), err)
 
     @defer.inlineCallbacks
+    def test_asyncpg_over_tls(self):
+        """asyncpg has no channel binding: it picks SCRAM-SHA-256 among the
+        offered mechanisms on a TLS connection."""
+        import ssl as ssl_mod
+
+        ctx = ssl_mod.create_default_context(cafile=self.certs.ca)
+
+        async def go():
+            conn = await asyncpg.connect(host="127.0.0.1", port=self.pooler.port,
+                                         user="pgcat_scram", password=USERS["pgcat_scram"],
+                                         database="pgcat_test", ssl=ctx, timeout=10,
+                                         statement_cache_size=0)
+            try:
+                return (await conn.fetchval("select current_user"),
+                        conn._transport.get_extra_info("ssl_object") is not None)
+            finally:
+                await conn.close()
+        res = yield in_thread(asyncio.run, go())
+        self.assertEqual(res, ("pgcat_scram", True))
+
+    @defer.inlineCallbacks
     def test_wrong_password_over_tls(self):
         e = yield in_thread(connect_error, self.pooler.dsn(
             user="pgcat_scram", password="nope").replace("sslmode=disable", "sslmode=require"))
