@@ -24,6 +24,15 @@ arrives and ``ClientScanner.idle`` is true.
 
 import errno
 
+from pgcat_tw.prepared import (
+    ACK_BIND,
+    ACK_CLOSE,
+    ACK_CLOSE_CUT,
+    ACK_PARSE,
+    ACK_PARSE_CUT,
+    ACK_PARSE_FAKE,
+    ACK_SYNC,
+)
 from pgcat_tw.protocol import codes
 from pgcat_tw.protocol.framing import INVALID, SKIP, Scanner, want_table
 from pgcat_tw.protocol.messages import parse_parameter_status
@@ -52,6 +61,9 @@ _PSTATUS = codes.B_PARAMETER_STATUS
 _CC = codes.B_COMMAND_COMPLETE
 _COPYIN = codes.B_COPY_IN_RESPONSE
 _ERR = codes.B_ERROR
+_PARSE_DONE = codes.B_PARSE_COMPLETE
+_BIND_DONE = codes.B_BIND_COMPLETE
+_CLOSE_DONE = codes.B_CLOSE_COMPLETE
 
 CLIENT_WANT = want_table(
     {
@@ -61,7 +73,11 @@ CLIENT_WANT = want_table(
     default=INVALID,
 )
 
-SERVER_WANT = want_table({"Z": 1, "S": 0x7FFFFFFF, "C": 8, "G": 1, "E": 1})
+SERVER_WANT = want_table({"Z": 1, "S": 0x7FFFFFFF, "C": 16, "G": 1, "E": 1})
+# With prepared statements: also the acknowledgements (ParseComplete,
+# BindComplete, CloseComplete) and enough of an error to read its SQLSTATE.
+SERVER_WANT_PREPARED = want_table({"Z": 1, "S": 0x7FFFFFFF, "C": 16, "G": 1, "E": 256,
+                                   "1": 1, "2": 1, "3": 1})
 
 # CommandComplete tags that leave session state on a server connection,
 # by first byte (one set lookup for the common tags like SELECT/INSERT).
@@ -128,7 +144,7 @@ class ClientScanner(Scanner):
 
 
 class ServerScanner(Scanner):
-    __slots__ = ("client", "tx_status", "rfq", "params", "dirty", "errors")
+    __slots__ = ("client", "tx_status", "rfq", "params", "dirty", "errors", "stmts", "edits")
 
     def __init__(self):
         Scanner.__init__(self, SERVER_WANT)
@@ -138,6 +154,65 @@ class ServerScanner(Scanner):
         self.params = {}          # the server's current reported parameters
         self.dirty = False        # session state left behind: reset before reuse
         self.errors = 0
+        self.stmts = None         # prepared.ServerStatements in prepared mode
+        self.edits = []           # (header position, None=cut | new type) for this chunk
+
+    def use_prepared(self, stmts):
+        self.stmts = stmts
+        self.want = SERVER_WANT_PREPARED
+
+    def _ack(self, t, start):
+        """A ParseComplete/BindComplete/CloseComplete: match it with what was
+        sent (prepared.py) and cut or retype it when the pooler caused it."""
+        acks = self.stmts.acks
+        if not acks:
+            return
+        kind = acks[0][0]
+        if kind == ACK_SYNC:
+            return  # not ours to judge (e.g. a Describe's reply order)
+        entry = acks.popleft()
+        if t == _PARSE_DONE:
+            if kind == ACK_PARSE_CUT:
+                self.edits.append((start - 5, None))
+            elif kind != ACK_PARSE:
+                acks.clear()  # out of step: stop editing rather than guess
+                return
+            cache = self.stmts.cache
+            if cache is not None:
+                cache.confirmed.add(entry[1])
+        elif t == _CLOSE_DONE:
+            if kind == ACK_PARSE_FAKE:
+                self.edits.append((start - 5, _PARSE_DONE))
+            elif kind == ACK_CLOSE_CUT:
+                self.edits.append((start - 5, None))
+            elif kind != ACK_CLOSE:
+                acks.clear()
+        elif kind != ACK_BIND:
+            acks.clear()
+
+    def _error_with_prepared(self, buf, start, end):
+        """PostgreSQL skips every message up to the next Sync after an error:
+        drop their acks, and forget statements whose Parse never ran."""
+        stmts = self.stmts
+        acks = stmts.acks
+        if acks and acks[0][0] == ACK_BIND and acks[0][1] is not None \
+                and _sqlstate(buf, start, end) == b"0A000":
+            # "cached plan must not change result type": re-prepare next time.
+            name = acks[0][1]
+            stmts.names.pop(name, None)
+            stmts.stale.add(name)
+        while acks and acks[0][0] != ACK_SYNC:
+            entry = acks.popleft()
+            kind, name = entry[0], entry[1]
+            if kind == ACK_PARSE or kind == ACK_PARSE_CUT:
+                stmts.names.pop(name, None)
+            elif kind == ACK_CLOSE_CUT:
+                stmts.stale.add(name)  # still on the server: close before reuse
+            if len(entry) > 2 and kind in (ACK_PARSE, ACK_PARSE_FAKE):
+                # The client's own Parse was skipped: its name does not exist.
+                statements, client_name, st = entry[2]
+                if statements.get(client_name) is st:
+                    del statements[client_name]
 
     def on_message(self, t, buf, start, end):
         if t == _Z:
@@ -146,11 +221,22 @@ class ServerScanner(Scanner):
             client = self.client
             if client is not None:
                 client.pending -= 1
+            stmts = self.stmts
+            if stmts is not None:
+                acks = stmts.acks
+                while acks:
+                    if acks.popleft()[0] == ACK_SYNC:
+                        break
         elif t == _CC:
-            tag = _DIRTY_TAGS.get(buf[start])
+            first = buf[start]
+            tag = _DIRTY_TAGS.get(first)
             if tag is not None and buf.startswith(tag, start) \
                     and (end - start == len(tag) or buf[start + len(tag)] in (0, 32)):
                 self.dirty = True
+            elif first == 68 and self.stmts is not None and (
+                    buf.startswith(b"DISCARD ALL", start)
+                    or buf.startswith(b"DEALLOCATE ALL", start)):
+                self.stmts.clear()
         elif t == _PSTATUS:
             try:
                 name, value = parse_parameter_status(buf[start:end])
@@ -162,6 +248,11 @@ class ServerScanner(Scanner):
                 client.params[name] = value
         elif t == _ERR:
             self.errors += 1
+            if self.stmts is not None:
+                self._error_with_prepared(buf, start, end)
+        elif t == _PARSE_DONE or t == _BIND_DONE or t == _CLOSE_DONE:
+            if self.stmts is not None:
+                self._ack(t, start)
         else:  # CopyInResponse
             client = self.client
             if client is not None:
@@ -172,6 +263,20 @@ class ServerScanner(Scanner):
                     client.pending -= client.since_exec
                     client.since_exec = 0
                     client.in_copy_ext = True
+
+
+def _sqlstate(buf, start, end):
+    """The SQLSTATE field of an ErrorResponse body prefix, or None."""
+    pos = start
+    while pos < end and buf[pos] != 0:
+        code = buf[pos]
+        nul = buf.find(b"\x00", pos + 1, end)
+        if nul < 0:
+            return None
+        if code == 67:  # 'C'
+            return bytes(buf[pos + 1:nul])
+        pos = nul + 1
+    return None
 
 
 # --- write-through -----------------------------------------------------------

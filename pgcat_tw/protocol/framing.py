@@ -132,6 +132,11 @@ class Scanner:
         """True when no message is partially received."""
         return self._state == _NONE
 
+    @property
+    def partial_header(self):
+        """Bytes of a split header held from the last chunk (0 to 4)."""
+        return len(self._head) if self._state == _HEAD else 0
+
     def reset(self):
         self._state = _NONE
         self._skip = 0
