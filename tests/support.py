@@ -91,6 +91,12 @@ class Pooler:
             if not self.service.factory.clients and self.cluster.server_connections() == 0:
                 break
             yield task.deferLater(reactor, 0.02, lambda: None)
+        # A TLS connection closes after an exchange of close_notify alerts,
+        # some reactor turns after the pools forgot it: wait for the sockets.
+        for _ in range(100):
+            if not open_tcp_connections():
+                break
+            yield task.deferLater(reactor, 0.02, lambda: None)
         yield task.deferLater(reactor, 0, lambda: None)
 
     def dsn(self, user="pgcat_md5", db="pgcat_test", password=None, **extra):
@@ -119,6 +125,14 @@ class Pooler:
     def pgbench(self, *args, user="pgcat_md5", db="pgcat_test"):
         argv = ["-h", "127.0.0.1", "-p", str(self.port), "-U", user, *args, db]
         return utils.getProcessOutputAndValue(PGBENCH, argv, env=self.env(user))
+
+
+def open_tcp_connections():
+    """TCP connections (not listening ports) the reactor still watches."""
+    from twisted.internet import tcp
+
+    return [s for s in set(reactor.getReaders()) | set(reactor.getWriters())
+            if isinstance(s, (tcp.Client, tcp.Server))]
 
 
 def in_thread(fn, *args, **kwargs):
