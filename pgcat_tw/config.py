@@ -176,6 +176,9 @@ class Pool:
     db_activity_init_delay: int = 100  # ms
     db_activity_ttl: int = 900  # s
     table_mutation_cache_ms_ttl: int = 50  # ms
+    # pgcat_tw extension: bytes of WAL a replica may be behind the primary
+    # and still serve reads; None = no limit.
+    max_replica_lag: int | None = None
     # None = use the global [plugins]; a table here replaces them entirely.
     plugins: FrozenMap | None = None
 
@@ -240,6 +243,11 @@ class General:
     auth_query_pool_size: int = 10  # pgcat_tw, see Pool.auth_query_pool_size
     # pgcat_tw extension: largest client protocol message accepted, in bytes.
     max_packet_size: int = 1073741824
+    # pgcat_tw extensions (ms, 0 = off): background health checks of every
+    # server (role by pg_is_in_recovery(), replica lag), and probes of
+    # banned servers so they return as soon as they answer.
+    healthcheck_interval: int = 5000
+    ban_probe_interval: int = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -477,6 +485,8 @@ GENERAL_SPEC: _SpecT = {
     "auth_query_password": STRING,
     "auth_query_pool_size": POSITIVE,
     "max_packet_size": _integer(1024, 2**31 - 1, "an integer from 1024 to 2147483647"),
+    "healthcheck_interval": NON_NEGATIVE,
+    "ban_probe_interval": NON_NEGATIVE,
 }
 
 POOL_SPEC: _SpecT = {
@@ -516,6 +526,7 @@ POOL_SPEC: _SpecT = {
     "db_activity_init_delay": POSITIVE,
     "db_activity_ttl": POSITIVE,
     "table_mutation_cache_ms_ttl": POSITIVE,
+    "max_replica_lag": NON_NEGATIVE,
 }
 
 USER_SPEC: _SpecT = {

@@ -54,6 +54,17 @@ class ConnectionPool:
         self.closed = False
         self.last_connect_error = None
         self.on_new_connection = None  # callback(conn) after each successful login
+        # Seconds an idle connection may rest before it must be health-checked
+        # at checkout (healthcheck_delay); None: never. ``take_idle`` leaves a
+        # stale connection in place for the caller's slow path. It compares
+        # with ``stale_before`` (now - healthcheck_delay, moved by each
+        # ``reap`` tick) so the hot path reads no clock.
+        self.healthcheck_delay = None
+        self.stale_before = float("-inf")
+        self.healthcheck_timeout = 1.0
+        self.address = None    # config.ServerAddress (set by the owner)
+        self.shard = None      # config.Shard
+        self.health = None     # balancer.AddressState
         # One timer for the oldest waiter's deadline (waiters are FIFO and share
         # one timeout, so it is always the first to expire), not one per waiter.
         # It is never cancelled when the queue empties (that would churn the
@@ -75,14 +86,41 @@ class ConnectionPool:
 
     # --- checkout / checkin ---------------------------------------------------
 
+    @property
+    def outstanding(self):
+        """Connections in use plus clients queued (least-outstanding-connections)."""
+        return len(self.busy) + len(self.waiters)
+
     def take_idle(self):
-        """An idle connection now, or None (nobody is queued before us)."""
+        """An idle connection that needs no health check, now, or None
+        (none idle, somebody queued before us, or the next one is stale)."""
+        idle = self.idle
+        if idle and not self.waiters and not self.closed:
+            if self.round_robin:
+                if idle[0].last_used < self.stale_before:
+                    return None
+                conn = idle.popleft()
+            else:
+                if idle[-1].last_used < self.stale_before:
+                    return None
+                conn = idle.pop()
+            self.busy.add(conn)
+            return conn
+        return None
+
+    def take_idle_any(self):
+        """Like ``take_idle`` but also hands out a stale connection: the
+        caller checks ``is_stale(conn)`` and health-checks it."""
         idle = self.idle
         if idle and not self.waiters and not self.closed:
             conn = idle.popleft() if self.round_robin else idle.pop()
             self.busy.add(conn)
             return conn
         return None
+
+    def is_stale(self, conn):
+        delay = self.healthcheck_delay
+        return delay is not None and self.reactor.seconds() - conn.last_used > delay
 
     def acquire(self):
         """A connection now, or a cancellable Deferred that fires with one."""
@@ -111,8 +149,10 @@ class ConnectionPool:
             self._maybe_connect()
         return w
 
-    def release(self, conn):
-        """Take back a clean, idle connection."""
+    def release(self, conn, used=True):
+        """Take back a clean, idle connection. ``used=False`` (the pooler's
+        own health checks) leaves ``last_used``, so idle_timeout still
+        applies."""
         if conn not in self.busy:
             return
         self.busy.discard(conn)
@@ -122,7 +162,8 @@ class ConnectionPool:
         if self.closed:
             conn.close()
             return
-        conn.last_used = self.reactor.seconds()
+        if used:
+            conn.last_used = self.reactor.seconds()
         if self.server_lifetime and conn.last_used - conn.created_at >= self.server_lifetime \
                 and not self.waiters:
             conn.close()
@@ -181,8 +222,38 @@ class ConnectionPool:
             self._timer = self.reactor.callLater(
                 max(0.0, waiters[0].since + self.connect_timeout - now), self._expire)
 
+    def fail_waiters(self, err):
+        """Fail every queued checkout with ``err`` (the address was banned:
+        its clients go to the next candidate at once)."""
+        waiters = list(self.waiters)
+        self.waiters.clear()
+        for w in waiters:
+            w.fail(err)
+
+    def adopt(self, conn):
+        """Take a logged-in connection made outside the pool (a health
+        probe) if there is room; otherwise close it."""
+        if self.closed or self.total >= self.pool_size:
+            conn.close()
+            return
+        conn.pool = self
+        conn.last_used = self.reactor.seconds()
+        self._hand_out(conn)
+
+    def connect_extra(self):
+        """A new connection outside the pool's accounting (health probes):
+        a Deferred firing with it."""
+        return defer.maybeDeferred(self._connect)
+
     def _waiter_timeout(self, w):
-        if self.last_connect_error is not None and not self.busy and not self.idle:
+        if self.connecting and len(self.busy) < self.pool_size:
+            # A connect attempt made for this waiter is still running: the
+            # server is slow to answer or unreachable, not busy.
+            err = ServerConnectionFailed(
+                f"{self.name}: could not connect to the server within connect_timeout "
+                f"({self.connect_timeout * 1000:.0f} ms)"
+            )
+        elif self.last_connect_error is not None and not self.busy and not self.idle:
             err = ServerConnectionFailed(
                 f"{self.name}: no server connection could be made within "
                 f"{self.connect_timeout * 1000:.0f} ms: {self.last_connect_error}"
@@ -227,20 +298,25 @@ class ConnectionPool:
         self.last_connect_error = msg
         log.warn("{pool}: server connection failed: {reason}", pool=self.name, reason=msg)
         # The oldest waiter beyond what the remaining attempts can serve learns
-        # why at once instead of waiting for its timeout.
+        # why at once instead of waiting for its timeout; when no connection
+        # is left or being made, nobody can be served: all of them learn it.
         if len(self.waiters) > self.connecting and not self.idle:
-            w = self.waiters.popleft()
             if isinstance(reason, ServerConnectionFailed) or getattr(reason, "sqlstate", None):
                 err = reason
             else:
                 err = ServerConnectionFailed(f"{self.name}: could not connect to server: {msg}")
-            w.fail(err)
+            if not self.busy and not self.connecting:
+                self.fail_waiters(err)
+            else:
+                self.waiters.popleft().fail(err)
 
     # --- janitor ------------------------------------------------------------------
 
     def reap(self, now):
         """Close idle connections past idle_timeout / server_lifetime and keep
         min_pool_size connections open. Returns the number closed."""
+        if self.healthcheck_delay is not None:
+            self.stale_before = now - self.healthcheck_delay
         closed = 0
         keep = deque()
         open_count = self.total

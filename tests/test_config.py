@@ -141,6 +141,8 @@ class DefaultsTests(SynchronousTestCase):
             "dns_max_ttl": 30,
             "auth_query": None,
             "max_packet_size": 1073741824,
+            "healthcheck_interval": 5000,
+            "ban_probe_interval": 1000,
         }
         self.assertEqual({k: getattr(g, k) for k in expected}, expected)
 
@@ -169,6 +171,7 @@ class DefaultsTests(SynchronousTestCase):
             "log_client_parameter_status_changes": False,
             "prepared_statements_cache_size": 0,
             "plugins": None,
+            "max_replica_lag": None,
         }
         self.assertEqual({k: getattr(p, k) for k in expected}, expected)
 
@@ -394,6 +397,28 @@ class ErrorTests(SynchronousTestCase):
         self.assertConfigError(data, "general.prometheus_exporter_port", "32767")
         data["general"]["prometheus_exporter_port"] = 32767
         config.from_dict(data)
+
+    def test_replica_settings(self):
+        for key in ("healthcheck_interval", "ban_probe_interval"):
+            data = base()
+            data["general"][key] = -1
+            self.assertConfigError(data, f"general.{key}", "non-negative", "got -1")
+            data["general"][key] = 0  # 0 turns it off
+            config.from_dict(data)
+        data = base()
+        pool(data)["max_replica_lag"] = "16MB"
+        self.assertConfigError(data, "pools.app.max_replica_lag", "non-negative", '"16MB"')
+        pool(data)["max_replica_lag"] = 16777216
+        cfg, _ = config.from_dict(data)
+        self.assertEqual(cfg.pool("app").max_replica_lag, 16777216)
+
+    def test_replicas_example(self):
+        cfg, warnings = config.load(os.path.join(CONF_DIR, "pgcat.replicas.toml"))
+        self.assertEqual(warnings, [])
+        app = cfg.pool("app")
+        self.assertEqual([s.role for s in app.shards[0].servers],
+                         ["primary", "replica", "replica"])
+        self.assertEqual(app.default_role, "replica")
 
     def test_timeouts_non_negative(self):
         for key in ("connect_timeout", "idle_timeout", "server_lifetime", "ban_time"):
