@@ -1,14 +1,18 @@
 """The pools of one configuration: (pool name, user) -> the server pools of
 its addresses. Built from a Config; passed around, never global.
 
-This version serves each (pool, user) from the first shard's primary (or its
-first server); replicas, shards and bans plug in at ``UserPool.server_pool``.
+Each UserPool has one ConnectionPool per server address, a
+``balancer.Balancer`` that picks the address of each transaction (roles,
+load balancing, bans, lag) and a ``health.HealthMonitor`` that the janitor
+ticks (probes of banned servers, role discovery, lag).
 """
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from pgcat_tw import backend
+from pgcat_tw.balancer import PRIMARY, Balancer
+from pgcat_tw.health import RECOVERY_SQL, HealthMonitor
 from pgcat_tw.config import User, resolve
 from pgcat_tw.errors import ServerConnectionFailed
 from pgcat_tw.pool import ConnectionPool
@@ -51,12 +55,22 @@ class UserPool:
         self.server_user = user_cfg.server_username or user_cfg.username
         self.server_password = (user_cfg.server_password if user_cfg.server_password is not None
                                 else user_cfg.password)
+        self.default_role = pool_cfg.default_role
+        self.primary_reads = pool_cfg.primary_reads_enabled
         self.address_pools = []
         for shard in pool_cfg.shards:
             for addr in shard.servers:
                 self.address_pools.append(self._make_pool(shard, addr))
-        primaries = [p for p in self.address_pools if p.address.role == "primary"]
-        self._default = primaries[0] if primaries else self.address_pools[0]
+        label = f'pool "{pool_cfg.name}" user "{user_cfg.username}"'
+        self.balancer = Balancer(
+            reactor, self.address_pools, mode=pool_cfg.load_balancing_mode,
+            default_role=pool_cfg.default_role, ban_time=float(g.ban_time),
+            max_lag=pool_cfg.max_replica_lag, probe_interval=g.ban_probe_interval / 1000.0,
+            name=label)
+        self.monitor = HealthMonitor(
+            reactor, self.balancer, interval=g.healthcheck_interval / 1000.0,
+            probe_interval=g.ban_probe_interval / 1000.0,
+            timeout=g.healthcheck_timeout / 1000.0, on_failure=self.server_failed)
 
     def _make_pool(self, shard, addr):
         s = self.settings
@@ -65,34 +79,107 @@ class UserPool:
         timeout = s.connect_timeout / 1000.0
 
         def connect():
-            return backend.connect(self.reactor, addr.host, addr.port, self.server_user,
-                                   self.server_password, shard.database, timeout,
-                                   keepalive=self.keepalive, tls=self.tls)
+            d = backend.connect(self.reactor, addr.host, addr.port, self.server_user,
+                                self.server_password, shard.database, timeout,
+                                keepalive=self.keepalive, tls=self.tls)
+            return d.addCallback(self._learn_role, pool)
 
+        g = self.config.general
         pool = ConnectionPool(
             self.reactor, name, connect, pool_size=s.pool_size, min_pool_size=s.min_pool_size,
             connect_timeout=timeout, idle_timeout=s.idle_timeout / 1000.0,
             server_lifetime=s.server_lifetime / 1000.0,
-            round_robin=self.config.general.server_round_robin)
+            round_robin=g.server_round_robin)
+        pool.healthcheck_delay = g.healthcheck_delay / 1000.0
+        pool.healthcheck_timeout = g.healthcheck_timeout / 1000.0
         pool.address = addr
         pool.shard = shard
         pool.on_new_connection = self._capture_params
         return pool
+
+    def _learn_role(self, conn, pool):
+        """Every new connection tells whether its server is in recovery:
+        PostgreSQL 14+ reports ``in_hot_standby`` at login (and again when
+        it changes); older servers are asked ``pg_is_in_recovery()``."""
+        hs = conn.params.get("in_hot_standby")
+        if hs is not None:
+            self.balancer.set_role(pool, hs == "on")
+            return conn
+        d = conn.run([RECOVERY_SQL], timeout=pool.healthcheck_timeout)
+
+        def ran(results):
+            r = results[0]
+            if not r.error and r.rows:
+                self.balancer.set_role(pool, r.rows[0][0] == "t")
+            return conn
+
+        def failed(f):
+            conn.close()
+            return f
+
+        return d.addCallbacks(ran, failed)
+
+    def note_role(self, server):
+        """After a health check: the role the server reported with it."""
+        hs = server.params.get("in_hot_standby")
+        if hs is not None and server.pool is not None:
+            self.balancer.set_role(server.pool, hs == "on")
+
+    def server_failed(self, pool, reason):
+        """A connect, health check or query on ``pool``'s server failed:
+        ban it if it is a replica; if it is the primary (never banned), look
+        for a promoted replica until a primary answers."""
+        reason = getattr(reason, "message", None) or str(reason)
+        bal = self.balancer
+        if bal.ban(pool, reason):
+            return
+        if pool.health.effective_role == PRIMARY:
+            shard = pool.shard.index
+            if shard not in bal.discovering:
+                bal.discovering.add(shard)
+                log.warn("{name}: primary {host}:{port} of shard {shard} failed ({reason}): "
+                         "checking every server for a primary", name=bal.name,
+                         host=pool.address.host, port=pool.address.port, shard=shard,
+                         reason=reason)
 
     def _capture_params(self, conn):
         if self.reference_params is None:
             self.reference_params = dict(conn.params)
 
     def server_pool(self):
-        return self._default
+        """The pool for the pooler's own work (login parameters): shard 0's
+        primary if there is one and it is not known to be down, else any
+        available server."""
+        bal = self.balancer
+        primary = bal.primary(0)
+        if primary is not None and 0 not in bal.discovering:
+            return primary
+        for role in ("replica", "any"):
+            route = bal.route(0, role, True)
+            if route:
+                return route[0]
+        return primary or self.address_pools[0]
 
     @defer.inlineCallbacks
     def get_reference_params(self):
         """The server parameters clients are greeted with, from a real server
-        connection of this pool (one is made if none has been yet)."""
-        if self.reference_params is None:
+        connection of this pool (one is made if none has been yet; if the
+        primary does not answer, another server is asked)."""
+        tried = []
+        last = None
+        while self.reference_params is None:
             pool = self.server_pool()
-            conn = yield pool.acquire()
+            if pool in tried:
+                pool = next((p for p in self.address_pools if p not in tried), None)
+                if pool is None:
+                    raise last
+            tried.append(pool)
+            try:
+                conn = yield pool.acquire()
+            except ServerConnectionFailed as e:
+                last = e
+                self.server_failed(pool, e)
+                continue
             pool.release(conn)
             if self.reference_params is None:
                 self.reference_params = dict(conn.params)
@@ -101,9 +188,11 @@ class UserPool:
     def reap(self, now):
         for p in self.address_pools:
             p.reap(now)
+        self.monitor.tick(now)
 
     def close(self):
         self.closed = True
+        self.monitor.close()
         for p in self.address_pools:
             p.close()
 
@@ -202,7 +291,8 @@ class Cluster:
 
     def server_connections(self):
         """Open or opening server connections, over every pool."""
-        return sum(p.total for up in self.user_pools.values() for p in up.address_pools)
+        return sum(sum(p.total for p in up.address_pools) + up.monitor.connections()
+                   for up in self.user_pools.values())
 
     def close(self):
         for up in self.user_pools.values():

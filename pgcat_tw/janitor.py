@@ -1,5 +1,7 @@
 """The single maintenance timer (PgBouncer's janitor): idle and lifetime
-timeouts and min_pool_size for every pool, once per tick."""
+timeouts and min_pool_size for every pool, ban expiry, probes of banned
+servers and background health checks (``health.HealthMonitor.tick``), once
+per tick."""
 
 from twisted.application.internet import TimerService
 
