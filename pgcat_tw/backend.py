@@ -297,6 +297,14 @@ class ServerConnection(Protocol):
 
     def _relay_data(self, data):
         sc = self.scanner
+        client = self.client
+        if client.request_chunks is not None:
+            # The first answer to a request the client could re-send
+            # elsewhere (frontend.server_lost): a FATAL shutdown error instead
+            # of an answer still allows it; anything else ends that chance.
+            if data[0] == 69 and client.dying_server(self, data):
+                return
+            client.request_chunks = None
         try:
             sc.feed(data)
         except FramingError as e:

@@ -90,6 +90,8 @@ class ClientFactory(Factory):
 
 class ClientProtocol(Protocol):
     peer = None
+    shard = 0                 # shard of the next transaction (set by sharding)
+    _tried = None             # addresses tried by the running checkout
 
     def __init__(self, factory):
         self.factory = factory
@@ -617,7 +619,8 @@ class ClientProtocol(Protocol):
                 return
         if not self._checking_out:
             # Fast path: an idle server that needs no parameter change.
-            server = self.user_pool.server_pool().take_idle()
+            server = self.user_pool.balancer.take_idle(self.role, self.primary_reads,
+                                                       self.shard)
             if server is not None:
                 sp = server.params
                 for k, v in self.params.items():
@@ -666,6 +669,14 @@ class ClientProtocol(Protocol):
     # --- checkout -----------------------------------------------------------------------
 
     def _checkout(self, try_idle=True):
+        """The slow path of a checkout (the fast one, an idle fresh server
+        of the balancer's pick, is in ``_work_data``): the balancer picks an
+        address for (shard, role); its idle server is health-checked first
+        if it rested longer than healthcheck_delay; without one the client
+        queues on that address. A connect error or timeout, a failed health
+        check or a lost server bans a replica and the transaction goes to
+        the next candidate; an exhausted pool bans nobody (its error says
+        so)."""
         self._checking_out = True
         up = self.user_pool
         if up.closed:
@@ -673,9 +684,30 @@ class ClientProtocol(Protocol):
             _, _, fresh = self.factory.get_cluster().find(self.database, self.user)
             if fresh is not None:
                 self.user_pool = up = fresh
-        pool = up.server_pool()
-        server = pool.take_idle() if try_idle else None
+        self._tried = []
+        # try_idle False: the fast path's pick had no idle server; queue there.
+        self._checkout_next(None, None if try_idle else up.balancer.picked)
+
+    def _checkout_next(self, err, prefer=None):
+        """Try the next candidate address; ``err``: why the last one failed."""
+        bal = self.user_pool.balancer
+        tried = self._tried
+        if tried is None:
+            tried = self._tried = []
+        pool = bal.choose(self.shard, self.role, self.primary_reads, tried, prefer)
+        if pool is None:
+            self._tried = None
+            self._checkout_failed(bal.unavailable_error(self.shard, self.role,
+                                                        self.primary_reads, err))
+            return
+        tried.append(pool)
+        server = pool.take_idle_any()
         if server is not None:
+            if pool.is_stale(server):
+                d = server.run([";"], timeout=pool.healthcheck_timeout)
+                d.addCallbacks(self._health_checked, self._health_failed,
+                               callbackArgs=(server,), errbackArgs=(server,))
+                return
             self._got_server(server)
             return
         self._waiting = (pool, None)
@@ -683,12 +715,32 @@ class ClientProtocol(Protocol):
         if self._waiting is not None and self._waiting[0] is pool:
             self._waiting = (pool, w)
 
+    def _health_checked(self, results, server):
+        self.user_pool.note_role(server)
+        self._got_server(server)
+
+    def _health_failed(self, failure, server):
+        pool = server.pool
+        pool.discard(server)
+        self._waiting = (pool, None)
+        self._checkout_failed(ServerConnectionFailed(
+            f"{pool.name}: health check failed: {failure.getErrorMessage()}"))
+
     def _got_server(self, server):
         self._waiting = None
         transport = self.transport
         if transport is None or self._closing or not transport.connected:
             server.pool.release(server)
             return
+        pool = server.pool
+        if not self.user_pool.balancer.serves(pool, self.role, self.primary_reads, self.shard):
+            # Its role changed (or it was banned) while we waited for it.
+            pool.release(server)
+            if self._tried is None:
+                self._tried = [pool]
+            self._checkout_next(None)
+            return
+        self._tried = None
         sparams = server.params
         for k, v in self.params.items():
             if sparams.get(k) != v:
@@ -725,10 +777,9 @@ class ClientProtocol(Protocol):
         self._attach(server)
 
     def _sync_failed(self, failure, server):
-        server.pool.discard(server)
-        self._checking_out = False
-        if self.transport is None or self._closing:
-            return
+        pool = server.pool
+        pool.discard(server)
+        self._waiting = (pool, None)
         self._checkout_failed(failure)
 
     def _attach(self, server):
@@ -752,13 +803,29 @@ class ClientProtocol(Protocol):
                                self.transport)
 
     def _checkout_failed(self, err):
-        """``err``: an exception (from the pool) or a Failure."""
-        self._waiting = None
+        """``err``: an exception (from the pool) or a Failure. A server
+        failure on the address we waited for (``self._waiting``) bans it
+        (a replica) and tries the next candidate; anything else (an
+        exhausted pool, nothing left to try) is the client's error."""
+        waiting, self._waiting = self._waiting, None
+        if isinstance(err, Failure):
+            err = err.value
+        if waiting is not None and isinstance(err, ServerConnectionFailed):
+            pool = waiting[0]
+            if not pool.closed:
+                self.user_pool.server_failed(pool, err)
+            if self.transport is not None and not self._closing:
+                tried = self._tried
+                if tried is None:
+                    tried = self._tried = []
+                if pool not in tried:
+                    tried.append(pool)
+                self._checkout_next(err)
+                return
+        self._tried = None
         self._checking_out = False
         if self.transport is None or self._closing:
             return
-        if isinstance(err, Failure):
-            err = err.value
         if not isinstance(err, PgError):
             err = ServerConnectionFailed(f"could not get a server connection: {err}")
         log.warn("client {user}@{db}: checkout failed: {err}", user=self.user,
@@ -845,11 +912,60 @@ class ClientProtocol(Protocol):
         if self.draining:
             self._fatal(_shutdown_error())
 
+    @staticmethod
+    def _standby(server):
+        """Was this server in recovery (a hot standby: it can have written
+        nothing) at its last report?"""
+        hs = server.params.get("in_hot_standby")
+        if hs is not None:
+            return hs == "on"
+        pool = server.pool
+        return pool is not None and pool.health is not None \
+            and pool.health.effective_role == "replica"
+
+    def dying_server(self, server, data):
+        """backend: the first answer chunk to a request that could still be
+        re-sent starts with an ErrorResponse. A FATAL 57P0x (shutdown, crash
+        of another backend, postmaster gone) from a standby means the
+        statement did not run there: the server is dropped without passing
+        the error on, and ``server_lost`` re-sends the request. -> True if so."""
+        if len(data) < 5:
+            return False
+        n = _LEN.unpack_from(data, 1)[0]
+        if n < 4 or len(data) < 1 + n:
+            return False
+        try:
+            fields = m.parse_error_fields(data[5:1 + n])
+        except ValueError:
+            return False
+        if fields.get("V", fields.get("S")) != "FATAL" or not fields.get("C", "").startswith("57P") \
+                or not self._standby(server):
+            return False
+        server.close()
+        return True
+
     def server_lost(self, server):
-        """The bound server connection died."""
+        """The bound server connection died: a replica is banned. If it was
+        a replica (a hot standby: nothing it ran can have written anything)
+        and no byte of its answer reached the client since it was bound,
+        the request is re-sent to another server and the client sees no
+        error. Otherwise the client gets a FATAL error and is closed."""
         self.server = None
         self._server_transport = None
+        self._write_server = None
+        chunks = self.request_chunks
+        self.request_chunks = None
+        pool = server.pool
+        standby = self._standby(server)
+        if pool is not None and pool.health is not None and not pool.closed:
+            self.user_pool.server_failed(pool, "server connection lost")
         if self.transport is None or self._closing:
+            return
+        if chunks is not None and standby and not self._checking_out \
+                and server.scanner.tx_status == codes.TX_IDLE and not self.scanner.in_copy:
+            self._held = chunks + self._held
+            self._held_len = sum(map(len, self._held))
+            self._checkout()
             return
         if server.scanner.at_boundary:
             self._send_error(ServerConnectionFailed(
