@@ -28,6 +28,7 @@ from pgcat_tw.errors import PgError, ServerConnectionFailed, ServerError
 from pgcat_tw.protocol import codes
 from pgcat_tw.protocol import messages as m
 from pgcat_tw.protocol.framing import FramingError, MessageBuffer
+from pgcat_tw.prepared import apply_edits
 from pgcat_tw.relay import ServerScanner, detach_producer, registered_producer, writer_for
 from pgcat_tw.tls import describe_handshake_failure
 
@@ -95,6 +96,8 @@ class ServerConnection(Protocol):
         self.client = None            # bound ClientProtocol
         self._write_client = None
         self._client_transport = None
+        self._carry = b""             # held-back split header (prepared mode)
+        self.stmts = None             # prepared.ServerStatements (prepared mode)
         self.writer = None            # how clients write to this server
         self.created_at = reactor.seconds()
         self.last_used = self.created_at
@@ -312,7 +315,12 @@ class ServerConnection(Protocol):
                       port=self.port, e=e)
             self.close()
             return
-        self._write_client(self._client_transport, data, self.transport)
+        if sc.stmts is not None:
+            data = self._prepared_reply(data)
+            if data:
+                self._write_client(self._client_transport, data, self.transport)
+        else:
+            self._write_client(self._client_transport, data, self.transport)
         if sc.rfq:
             sc.rfq = False
             client = self.client
@@ -323,6 +331,25 @@ class ServerConnection(Protocol):
                     and cs.pending <= 0 \
                     and not cs.unsynced and not cs.in_copy and cs.at_boundary:
                 client.release_server(self)
+
+    def _prepared_reply(self, data):
+        """Prepared mode: apply the scanner's edits (cut or retyped
+        acknowledgements, prepared.py) and hold back a split header so an
+        acknowledgement is never half-forwarded before it can be edited."""
+        sc = self.scanner
+        carry = self._carry
+        edits = sc.edits
+        if edits:
+            data = apply_edits(carry + data if carry else data, edits, len(carry))
+            edits.clear()
+        elif carry:
+            data = carry + data
+        k = sc.partial_header
+        if k:
+            self._carry = data[-k:]
+            return data[:-k]
+        self._carry = b""
+        return data
 
     # --- internal queries ---------------------------------------------------------
 

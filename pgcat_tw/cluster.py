@@ -16,6 +16,7 @@ from pgcat_tw.health import RECOVERY_SQL, HealthMonitor
 from pgcat_tw.config import User, resolve
 from pgcat_tw.errors import ServerConnectionFailed
 from pgcat_tw.pool import ConnectionPool
+from pgcat_tw.prepared import StatementCache
 from pgcat_tw.relay import TRACKED_PARAMETERS
 
 log = Logger()
@@ -47,6 +48,10 @@ class UserPool:
         self.settings = resolve(config, pool_cfg, user_cfg)
         self.mode = self.settings.pool_mode
         self.closed = False
+        size = pool_cfg.prepared_statements_cache_size
+        # Pool-level statement names (prepared.py), transaction mode only.
+        self.statement_cache = (StatementCache(size)
+                                if size > 0 and self.mode == "transaction" else None)
         self.reference_params = None   # ParameterStatus set shown to clients
         self.canonical = {}            # (param, value as sent) -> server's spelling
         g = config.general

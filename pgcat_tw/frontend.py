@@ -15,6 +15,7 @@ session mode at disconnect, after ``DISCARD ALL``.
 """
 
 import os
+import re
 import struct
 
 from twisted.internet import defer
@@ -49,10 +50,12 @@ from pgcat_tw.errors import (
 )
 from pgcat_tw.protocol import codes
 from pgcat_tw.protocol import messages as m
-from pgcat_tw.protocol.framing import FramingError, MessageBuffer
+from pgcat_tw.protocol.framing import SKIP, FramingError, MessageBuffer, Scanner, want_table
 from pgcat_tw.relay import TRACKED_PARAMETERS, ClientScanner, writer_for
 from pgcat_tw.tls import ALPN_PROTOCOL, end_point_hash
+from pgcat_tw.prepared import Rewriter, ServerStatements
 from pgcat_tw.router import custom
+from pgcat_tw.router import sql as sqlcmd
 
 log = Logger()
 
@@ -60,9 +63,39 @@ LOGIN_TIMEOUT = 60.0     # seconds a client may take to log in (PgBouncer's defa
 RESET_TIMEOUT = 10.0
 HOLD_LIMIT = 65536       # bytes held for a waiting client before it is paused
 REQUEST_KEEP_LIMIT = 65536  # request bytes kept for a possible re-send (see request_chunks)
-_LEN = struct.Struct("!i")     # seconds for ROLLBACK / DISCARD ALL before the server is closed
+_LEN = struct.Struct("!i")
+_MAYBE_COMMAND = re.compile(rb"\s*(?:set|show|prepare|execute|deallocate)\s", re.IGNORECASE)     # seconds for ROLLBACK / DISCARD ALL before the server is closed
 _TRACKED = frozenset(TRACKED_PARAMETERS)
 _ADMIN_DATABASES = ("pgcat", "pgbouncer")
+
+
+# Everything DISCARD ALL does but DEALLOCATE ALL (shared prepared statements stay).
+KEEP_STATEMENTS_RESET = ("CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; "
+                         "UNLISTEN *; SELECT pg_advisory_unlock_all(); DISCARD TEMP; "
+                         "DISCARD SEQUENCES")
+
+
+class _SyncFinder(Scanner):
+    """Finds where the next Sync ends, over chunks (skip-to-Sync after an error)."""
+
+    def __init__(self):
+        Scanner.__init__(self, want_table({"S": 1}, default=SKIP))
+        self.sync_end = -1
+
+    def feed(self, data):
+        self.sync_end = -1
+        try:
+            Scanner.feed(self, data)
+        except _SyncFound:
+            pass  # the finder is dropped once the Sync is found
+
+    def on_message(self, t, buf, start, end):
+        self.sync_end = end  # a Sync has an empty body: it ends where it starts
+        raise _SyncFound()
+
+
+class _SyncFound(Exception):
+    pass
 
 
 def _shutdown_error():
@@ -125,6 +158,8 @@ class ClientProtocol(Protocol):
         # elsewhere; None when not kept (session mode, or too large).
         self.request_chunks = None
         self._request_bytes = 0
+        self.rewriter = None          # prepared.Rewriter in transaction mode with a cache
+        self._discard_until_sync = None  # a Scanner while skipping to Sync after an error
         self.dataReceived = self._startup_data
 
     # --- connection -----------------------------------------------------------
@@ -148,6 +183,7 @@ class ClientProtocol(Protocol):
 
     def _fatal(self, err):
         """Tell the client (FATAL) and close."""
+        log.info("DBG fatal {e}", e=getattr(err, "message", err))
         if self._closing:
             return
         if err.severity not in ("FATAL", "PANIC"):
@@ -360,6 +396,8 @@ class ClientProtocol(Protocol):
         self.transaction_mode = user_pool.mode == "transaction"
         self.role = pool_cfg.default_role          # 'primary' | 'replica' | 'any' | 'auto'
         self.primary_reads = pool_cfg.primary_reads_enabled
+        if self.transaction_mode and user_pool.statement_cache is not None:
+            self.rewriter = Rewriter(user_pool.statement_cache)
 
     # --- authentication ---------------------------------------------------------------
 
@@ -596,8 +634,24 @@ class ClientProtocol(Protocol):
         if sc.terminate_at is not None:
             self._on_terminate(data)
             return
+        if sc.named_parse and self.transaction_mode and self.rewriter is None:
+            self._reject_named_parse(data)
+            return
         st = self._server_transport
         if st is not None:
+            if data[0] == 81 and self.transaction_mode and sc.pending == 1 \
+                    and _MAYBE_COMMAND.match(data, 5) \
+                    and len(data) == 1 + _LEN.unpack_from(data, 1)[0] \
+                    and self.server.scanner.at_boundary and self._sql_command(data, True):
+                return
+            rw = self.rewriter
+            if rw is not None:
+                data = rw.process(data, self.server.stmts)
+                if data:
+                    self._write_server(st, data, self.transport)
+                if sc.copy_ended:
+                    self._after_copy_end()
+                return
             self._write_server(st, data, self.transport)
             rc = self.request_chunks
             if rc is not None:
@@ -611,11 +665,24 @@ class ClientProtocol(Protocol):
             return
         if not self._checking_out and data[0] == 81 and sc.pending == 1 and not self._held \
                 and len(data) == 1 + _LEN.unpack_from(data, 1)[0]:
-            # One whole simple Query between transactions: maybe ours.
-            cmd = custom.match(data, 5, len(data))
-            if cmd is not None:
-                sc.pending -= 1
-                self._custom_command(*cmd)
+            # One whole simple Query between transactions: maybe ours. One
+            # anchored probe rejects everything that is not SET/SHOW/PREPARE/
+            # EXECUTE/DEALLOCATE before the specific matchers run.
+            if _MAYBE_COMMAND.match(data, 5):
+                cmd = custom.match(data, 5, len(data))
+                if cmd is not None:
+                    sc.pending -= 1
+                    self._custom_command(*cmd)
+                    return
+                if self.transaction_mode and self._sql_command(data, False):
+                    return
+        if self.rewriter is not None and not self._checking_out and not self._held \
+                and data[0] == codes.F_PARSE and sc.at_boundary:
+            reply = self.rewriter.answer_locally(data)
+            if reply is not None:
+                sc.pending = 0
+                sc.unsynced = False
+                self.transport.write(reply)
                 return
         if not self._checking_out:
             # Fast path: an idle server that needs no parameter change.
@@ -660,7 +727,11 @@ class ClientProtocol(Protocol):
             sc.unsynced = True
         elif pos > 0:
             if self.server is not None:
-                self._write_server(self._server_transport, data[:pos], self.transport)
+                head = data[:pos]
+                if self.rewriter is not None:
+                    head = self.rewriter.process(head, self.server.stmts)
+                if head:
+                    self._write_server(self._server_transport, head, self.transport)
             else:
                 self._held.append(data[:pos])
         self._closing = True
@@ -793,6 +864,19 @@ class ClientProtocol(Protocol):
             self._paused_waiting = False
             self.transport.resumeProducing()
         held = self._held
+        rw = self.rewriter
+        if rw is not None:
+            stmts = server.stmts
+            if stmts is None:
+                stmts = server.stmts = ServerStatements(rw.cache.size, rw.cache)
+                server.scanner.use_prepared(stmts)
+            if held:
+                self._held = []
+                self._held_len = 0
+                out = rw.process(held[0] if len(held) == 1 else b"".join(held), stmts)
+                if out:
+                    self._write_server(st, out, self.transport)
+            return
         if self.transaction_mode:
             self.request_chunks = held[:]
             self._request_bytes = self._held_len
@@ -849,6 +933,73 @@ class ClientProtocol(Protocol):
 
     # --- server events --------------------------------------------------------------------
 
+    def _sql_command(self, data, bound):
+        """Transaction mode: SQL-level PREPARE/EXECUTE (refused: they would
+        meet another server later) and DEALLOCATE (answered for the client's
+        own statements). ``data`` is one whole Query; True if answered."""
+        cmd = sqlcmd.match(data, 5, len(data))
+        if cmd is None:
+            return False
+        kind, arg = cmd
+        sc = self.scanner
+        status = self.server.scanner.tx_status if bound else codes.TX_IDLE
+        if kind in ("prepare", "execute"):
+            err = PgError(
+                f"SQL {kind.upper()} is not supported in transaction pooling mode: the "
+                "statement would be prepared on one server connection and executed on "
+                "another",
+                sqlstate="0A000",
+                hint="use protocol-level prepared statements (enable "
+                     "prepared_statements_cache_size for this pool) or session mode")
+            reply = err.to_message()
+        elif self.rewriter is None:
+            return False  # no pooler-side statements: the server answers
+        else:
+            self.rewriter.deallocate(arg)
+            reply = m.command_complete("DEALLOCATE ALL" if arg is None else "DEALLOCATE")
+        sc.pending -= 1
+        self.transport.write(reply + m.ready_for_query(bytes((status,))))
+        return True
+
+    def _reject_named_parse(self, data):
+        """Transaction mode without a statement cache: a named Parse cannot
+        work (the next transaction may land on another server)."""
+        err = PgError(
+            "named prepared statements need a prepared statement cache in transaction "
+            "pooling mode: set prepared_statements_cache_size > 0 for this pool "
+            "(or use session mode, or unnamed statements)",
+            sqlstate="0A000")
+        sc = self.scanner
+        if self.server is not None or self._checking_out or self._held \
+                or data[0] != codes.F_PARSE or not sc.at_boundary:
+            self._fatal(err)
+            return
+        # Like PostgreSQL after an error: answer, then skip to the next Sync.
+        self.transport.write(err.to_message())
+        sc.pending = 0
+        sc.unsynced = False
+        sc.named_parse = False
+        sc.queries = 0
+        self._discard_until_sync = _SyncFinder()
+        self.dataReceived = self._discarding
+        self._discarding(data)
+
+    def _discarding(self, data):
+        finder = self._discard_until_sync
+        try:
+            finder.feed(data)
+        except FramingError as e:
+            self._protocol_error(e)
+            return
+        if finder.sync_end < 0:
+            return
+        rest = data[finder.sync_end:]
+        self._discard_until_sync = None
+        self.dataReceived = self._work_data
+        self.transport.write(m.READY_IDLE)
+        if rest:
+            self._work_data(rest)
+
     def _custom_command(self, cmd, arg):
         """Answer one of PgCat's custom commands (reference §4.1)."""
         pool_cfg = self.user_pool.pool_cfg
@@ -904,9 +1055,10 @@ class ClientProtocol(Protocol):
         self._write_server = None
         server.unbind()
         pool = server.pool
-        if server.scanner.dirty or self.scanner.named_parse or not self.transaction_mode:
+        if server.scanner.dirty or not self.transaction_mode or (
+                self.scanner.named_parse and self.rewriter is None):
             self.scanner.named_parse = False
-            self._reset_then_release(server, ["DISCARD ALL"])
+            self._reset_then_release(server, [self._reset_query(server)])
         else:
             pool.release(server)
         if self.draining:
@@ -1007,12 +1159,21 @@ class ClientProtocol(Protocol):
         queries = []
         if ss.tx_status != codes.TX_IDLE:
             queries.append("ROLLBACK")
-        if not self.transaction_mode or ss.dirty or sc.named_parse:
-            queries.append("DISCARD ALL")
+        if not self.transaction_mode or ss.dirty or (sc.named_parse and self.rewriter is None):
+            queries.append(self._reset_query(server))
         if queries:
             self._reset_then_release(server, queries)
         else:
             server.pool.release(server)
+
+    def _reset_query(self, server):
+        """DISCARD ALL, except on a server holding shared prepared statements
+        (transaction mode with a cache), where everything but them is reset."""
+        if server.stmts is not None and self.transaction_mode:
+            return KEEP_STATEMENTS_RESET
+        if server.stmts is not None:
+            server.stmts.clear()
+        return "DISCARD ALL"
 
     def _reset_then_release(self, server, queries):
         pool = server.pool
