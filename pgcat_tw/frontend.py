@@ -183,7 +183,6 @@ class ClientProtocol(Protocol):
 
     def _fatal(self, err):
         """Tell the client (FATAL) and close."""
-        log.info("DBG fatal {e}", e=getattr(err, "message", err))
         if self._closing:
             return
         if err.severity not in ("FATAL", "PANIC"):
@@ -1093,7 +1092,13 @@ class ClientProtocol(Protocol):
         if fields.get("V", fields.get("S")) != "FATAL" or not fields.get("C", "").startswith("57P") \
                 or not self._standby(server):
             return False
+        # Let go of it now, not at its connectionLost: nothing more may be
+        # written to a transport that is closing (a writer would register
+        # this client as its producer, and Twisted stops the producer of a
+        # transport that is lost: the client would be closed).
+        server.unbind_quietly()
         server.close()
+        self.server_lost(server)
         return True
 
     def server_lost(self, server):

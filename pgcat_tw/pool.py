@@ -93,29 +93,35 @@ class ConnectionPool:
 
     def take_idle(self):
         """An idle connection that needs no health check, now, or None
-        (none idle, somebody queued before us, or the next one is stale)."""
+        (none idle, somebody queued before us, or the next one is stale).
+        A connection already closing (its server sent an error while idle;
+        it leaves the pool at connectionLost) is dropped, never handed out."""
         idle = self.idle
-        if idle and not self.waiters and not self.closed:
-            if self.round_robin:
-                if idle[0].last_used < self.stale_before:
+        if not self.waiters and not self.closed:
+            rr = self.round_robin
+            while idle:
+                conn = idle[0] if rr else idle[-1]
+                if conn.closed:
+                    idle.popleft() if rr else idle.pop()
+                    continue
+                if conn.last_used < self.stale_before:
                     return None
-                conn = idle.popleft()
-            else:
-                if idle[-1].last_used < self.stale_before:
-                    return None
-                conn = idle.pop()
-            self.busy.add(conn)
-            return conn
+                idle.popleft() if rr else idle.pop()
+                self.busy.add(conn)
+                return conn
         return None
 
     def take_idle_any(self):
         """Like ``take_idle`` but also hands out a stale connection: the
         caller checks ``is_stale(conn)`` and health-checks it."""
         idle = self.idle
-        if idle and not self.waiters and not self.closed:
-            conn = idle.popleft() if self.round_robin else idle.pop()
-            self.busy.add(conn)
-            return conn
+        if not self.waiters and not self.closed:
+            while idle:
+                conn = idle.popleft() if self.round_robin else idle.pop()
+                if conn.closed:
+                    continue
+                self.busy.add(conn)
+                return conn
         return None
 
     def is_stale(self, conn):

@@ -128,6 +128,21 @@ class AcquireTests(PoolTestBase):
         self.assertIs(c1.pool, pool)
         self.no_timers()
 
+    def test_closing_idle_connection_never_handed_out(self):
+        # A server that sent an error while idle is closing: it stays in the
+        # idle deque until its connectionLost, but nobody may get it.
+        for round_robin in (True, False):
+            pool = self.make(round_robin=round_robin)
+            c1, c2 = self.fill_idle(2)
+            first = c1 if round_robin else c2
+            first.close()
+            self.assertIs(pool.take_idle(), c2 if round_robin else c1)
+            self.assertNotIn(first, pool.idle)
+            pool.release(c2 if round_robin else c1)
+            (c2 if round_robin else c1).close()
+            self.assertIsNone(pool.take_idle_any())
+            self.assertEqual(len(pool.idle), 0)
+
     def test_connect_when_empty(self):
         pool = self.make()
         w = self.acquire()
