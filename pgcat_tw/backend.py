@@ -384,8 +384,10 @@ class ServerConnection(Protocol):
         return d
 
     def _iq_timeout(self, result, timeout):
+        # Raised, not returned: what onTimeoutCancel returns becomes the
+        # Deferred's *result* (a timed-out health check looked successful).
         self.close()
-        return ServerConnectionFailed(
+        raise ServerConnectionFailed(
             f"server {self.host}:{self.port}: no answer within {timeout:.3g} s")
 
     def _internal_data(self, data):

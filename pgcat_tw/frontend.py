@@ -803,6 +803,13 @@ class ClientProtocol(Protocol):
             server.pool.release(server)
             return
         pool = server.pool
+        if server.closed:
+            # Closing under us (never write to a closing transport).
+            pool.discard(server)
+            self._waiting = (pool, None)
+            self._checkout_failed(ServerConnectionFailed(
+                f"{pool.name}: server connection closed before use"))
+            return
         if not self.user_pool.balancer.serves(pool, self.role, self.primary_reads, self.shard):
             # Its role changed (or it was banned) while we waited for it.
             pool.release(server)

@@ -124,7 +124,7 @@ class HealthMonitor:
         def ran(results):
             try:
                 in_recovery, lsn = parse_check(results)
-            except ValueError:
+            except Exception:
                 pool.discard(conn)
                 raise
             pool.release(conn, used=False)
@@ -198,7 +198,7 @@ class HealthMonitor:
         def ran(results):
             try:
                 in_recovery, lsn = parse_check(results)
-            except ValueError:
+            except Exception:
                 self._extra.discard(conn)
                 conn.close()
                 raise

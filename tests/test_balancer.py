@@ -472,3 +472,25 @@ class PoolTimeoutKindTests(Base):
         f = self.failureResultOf(d, ServerConnectionFailed)
         self.assertNotIsInstance(f.value, PoolTimeout)
         self.assertIn("connect", f.value.message)
+
+
+class RunTimeoutTests(SynchronousTestCase):
+    """A pooler query (health check) that gets no answer in time fails; it
+    must not look like a success (the check would pass)."""
+
+    def test_run_timeout_fails_and_closes(self):
+        from twisted.internet.testing import StringTransport
+
+        from pgcat_tw.backend import ServerConnection
+
+        clock = Clock()
+        server = ServerConnection(clock, "127.0.0.1", 5432, "u", "p", "db")
+        server.makeConnection(StringTransport())
+        server.state = "idle"
+        server.dataReceived = server._idle_data
+        server.ready.callback(server)
+        d = server.run([";"], timeout=0.5)
+        clock.advance(0.5)
+        f = self.failureResultOf(d, ServerConnectionFailed)
+        self.assertIn("no answer within", f.value.message)
+        self.assertTrue(server.closed)

@@ -208,6 +208,42 @@ class BanTests(ReplicaTestCase):
         self.assertLess(slow[0], 0.5 + 0.5)
 
     @defer.inlineCallbacks
+    def test_stale_server_health_checked_before_use(self):
+        """A connection idle longer than healthcheck_delay is checked with
+        ';' first; a replica that does not answer within healthcheck_timeout
+        is banned and the read goes elsewhere, unnoticed."""
+        px = yield self.proxy(self.r1)
+        yield self.start_pooler(
+            servers=[(self.primary.port, "primary"), (px.listen_port, "replica"),
+                     (self.r2.port, "replica")],
+            general="ban_probe_interval = 0\nhealthcheck_interval = 0\n"
+                    "healthcheck_delay = 100\nhealthcheck_timeout = 300",
+            pool_extra='default_role = "replica"')
+        bad = self.address(px.listen_port)
+        yield self.reads(20)
+        self.assertGreater(len(bad.idle), 0)
+        px.set_mode("blackhole")
+        yield sleep(1.5)  # a janitor tick: the idle connections are stale now
+
+        def go():
+            times = []
+            with psycopg.connect(self.pooler.dsn(), autocommit=True,
+                                 prepare_threshold=None) as conn:
+                for _ in range(20):
+                    t0 = time.monotonic()
+                    port = conn.execute(PORT_SQL).fetchone()[0]
+                    times.append((time.monotonic() - t0, port))
+            return times
+
+        times = yield in_thread(go)
+        self.assertTrue(bad.health.banned)
+        self.assertIn("health check failed", bad.health.ban_reason)
+        self.assertEqual({port for _, port in times}, {self.r2.port})
+        slow = [t for t, _ in times if t > 0.2]
+        self.assertEqual(len(slow), 1, times)
+        self.assertLess(slow[0], 0.3 + 0.5)
+
+    @defer.inlineCallbacks
     def test_all_replicas_down(self):
         p1 = yield self.proxy(self.r1)
         p2 = yield self.proxy(self.r2)
