@@ -442,8 +442,6 @@ connect_timeout = 5000
 
 [pools.{db}]
 pool_mode = "transaction"
-# Named statements (pgbench -M prepared) are shared across clients.
-prepared_statements_cache_size = 500
 
 [pools.{db}.users.0]
 username = "{user}"
@@ -451,6 +449,22 @@ password = "{password}"
 pool_size = {pool_size}
 
 [pools.{db}.shards.0]
+database = "{db}"
+servers = [["127.0.0.1", {pg_port}, "primary"]]
+
+# Mode "prepared" connects here: the same database, with named statements
+# shared across clients. Plain simple/extended traffic uses the pool above
+# (PgCat's default: no cache), so it does not pay for the rewriter.
+[pools.{db}_prepared]
+pool_mode = "transaction"
+prepared_statements_cache_size = 500
+
+[pools.{db}_prepared.users.0]
+username = "{user}"
+password = "{password}"
+pool_size = {pool_size}
+
+[pools.{db}_prepared.shards.0]
 database = "{db}"
 servers = [["127.0.0.1", {pg_port}, "primary"]]
 """
@@ -493,7 +507,9 @@ def pgbench_mode(target, mode):
 def run_pgbench(target, mode, clients, duration):
     argv = ["pgbench", "-n", "-S", "-M", pgbench_mode(target, mode), "-c", str(clients),
             "-j", str(min(clients, 2)), "-T", str(duration),
-            "-h", target.host, "-p", str(target.port), "-U", USER, DBNAME]
+            "-h", target.host, "-p", str(target.port), "-U", USER,
+            DBNAME + "_prepared" if (mode == "prepared" and target.name == "pgcat_tw")
+            else DBNAME]
     env = dict(os.environ, PGPASSWORD=PASSWORD)
     sys.stdout.flush()
     cpu0 = target.cpu_seconds()

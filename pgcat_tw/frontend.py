@@ -64,7 +64,8 @@ RESET_TIMEOUT = 10.0
 HOLD_LIMIT = 65536       # bytes held for a waiting client before it is paused
 REQUEST_KEEP_LIMIT = 65536  # request bytes kept for a possible re-send (see request_chunks)
 _LEN = struct.Struct("!i")
-_MAYBE_COMMAND = re.compile(rb"\s*(?:set|show|prepare|execute|deallocate)\s", re.IGNORECASE)     # seconds for ROLLBACK / DISCARD ALL before the server is closed
+_MAYBE_COMMAND = re.compile(rb"\s*(?:set|show|prepare|execute|deallocate|discard)\s",
+                            re.IGNORECASE)     # seconds for ROLLBACK / DISCARD ALL before the server is closed
 _TRACKED = frozenset(TRACKED_PARAMETERS)
 _ADMIN_DATABASES = ("pgcat", "pgbouncer")
 
@@ -947,6 +948,12 @@ class ClientProtocol(Protocol):
         if cmd is None:
             return False
         kind, arg = cmd
+        if kind == "discard_all":
+            # The server runs it (and drops its statements, relay.py); the
+            # client's own view of its statements is emptied too.
+            if self.rewriter is not None:
+                self.rewriter.deallocate(None)
+            return False
         sc = self.scanner
         status = self.server.scanner.tx_status if bound else codes.TX_IDLE
         if kind in ("prepare", "execute"):

@@ -324,7 +324,10 @@ def write_through(transport, data, peer):
         if sent == len(data):
             return
         data = data[sent:]
-    if transport.producer is None and peer is not None and transport.connected:
+    # Not on a closing transport: Twisted stops a registered producer when the
+    # connection is lost, which would close the (innocent) peer.
+    if transport.producer is None and peer is not None and transport.connected \
+            and not transport.disconnecting:
         transport.registerProducer(peer, True)
     transport.write(data)
 
@@ -332,7 +335,8 @@ def write_through(transport, data, peer):
 def plain_write(transport, data, peer):
     """Buffered write through any ITransport (TLS, test transports)."""
     if peer is not None and getattr(transport, "producer", True) is None \
-            and getattr(transport, "connected", True):
+            and getattr(transport, "connected", True) \
+            and not getattr(transport, "disconnecting", False):
         transport.registerProducer(peer, True)
     transport.write(data)
 

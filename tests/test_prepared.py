@@ -334,12 +334,19 @@ class SqlLevelTests(PreparedTestCase):
                 out.append(pg.exec_prepared(b"mine", []).status == pq.ExecStatus.FATAL_ERROR)
                 r = pg.exec_(b"DEALLOCATE ALL")
                 out.append(r.command_status)
+                # DISCARD ALL runs on the server and empties the client's view.
+                assert pg.prepare(b"kept", b"select 'discard'").status == \
+                    pq.ExecStatus.COMMAND_OK
+                r = pg.exec_(b"DISCARD ALL")
+                out.append(r.command_status)
+                out.append(pg.exec_prepared(b"kept", []).error_field(
+                    pq.DiagnosticField.SQLSTATE))
                 # The connection is fine and two-phase PREPARE TRANSACTION is not refused.
                 out.append(conn.execute("select 5", prepare=False).fetchone()[0])
                 return out
         out = yield in_thread(go)
         self.assertEqual(out, [("0A000", True), "0A000", (True, b"DEALLOCATE"), True,
-                               b"DEALLOCATE ALL", 5])
+                               b"DEALLOCATE ALL", b"DISCARD ALL", b"26000", 5])
 
 
 class CacheOffTests(PoolerTestCase):
