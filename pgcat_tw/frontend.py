@@ -464,17 +464,8 @@ class ClientProtocol(Protocol):
     def _sasl_data(self, data):
         self._buf.feed(data)
         while self.dataReceived == self._sasl_data and not self._closing:
-            try:
-                msg = self._buf.next_message()
-            except FramingError as e:
-                self._fatal(ProtocolViolation(e.message))
-                return
-            if msg is None:
-                return
-            t, body = msg
-            if t != codes.F_PASSWORD:
-                self._fatal(ProtocolViolation(
-                    f"expected SASL response, got message type {chr(t)!r}"))
+            body = self._next_password_message("SASL response")
+            if body is None:
                 return
             ex = self._scram
             try:
@@ -523,19 +514,26 @@ class ClientProtocol(Protocol):
             self._user_cfg = ucfg
         self._authenticated()
 
-    def _password_data(self, data):
-        self._buf.feed(data)
+    def _next_password_message(self, what):
+        """The next PasswordMessage body from the buffer; None when it is
+        incomplete or the client sent something else (then it was told)."""
         try:
             msg = self._buf.next_message()
         except FramingError as e:
             self._fatal(ProtocolViolation(e.message))
-            return
+            return None
         if msg is None:
-            return
+            return None
         t, body = msg
         if t != codes.F_PASSWORD:
-            self._fatal(ProtocolViolation(
-                f"expected password response, got message type {chr(t)!r}"))
+            self._fatal(ProtocolViolation(f"expected {what}, got message type {chr(t)!r}"))
+            return None
+        return body
+
+    def _password_data(self, data):
+        self._buf.feed(data)
+        body = self._next_password_message("password response")
+        if body is None:
             return
         if not md5_auth.verify(self.user, self._secret or "", self._salt, body):
             self._auth_failed()
