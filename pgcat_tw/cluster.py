@@ -17,7 +17,6 @@ from pgcat_tw.config import User, resolve
 from pgcat_tw.errors import ServerConnectionFailed
 from pgcat_tw.pool import ConnectionPool
 from pgcat_tw.prepared import StatementCache
-from pgcat_tw.relay import TRACKED_PARAMETERS
 
 log = Logger()
 
@@ -303,6 +302,3 @@ class Cluster:
         for up in self.user_pools.values():
             up.close()
 
-
-__all__ = ["Cluster", "UserPool", "TRACKED_PARAMETERS", "ServerConnectionFailed",
-           "set_parameter_sql"]

@@ -64,6 +64,13 @@ RESET_TIMEOUT = 10.0
 HOLD_LIMIT = 65536       # bytes held for a waiting client before it is paused
 REQUEST_KEEP_LIMIT = 65536  # request bytes kept for a possible re-send (see request_chunks)
 _LEN = struct.Struct("!i")
+def _command_query(data):
+    """One whole simple Query in this chunk whose text may be a command the
+    pooler answers (an anchored probe, no allocation)."""
+    return (data[0] == 81 and len(data) == 1 + _LEN.unpack_from(data, 1)[0]
+            and _MAYBE_COMMAND.match(data, 5) is not None)
+
+
 _MAYBE_COMMAND = re.compile(rb"\s*(?:set|show|prepare|execute|deallocate|discard)\s",
                             re.IGNORECASE)     # seconds for ROLLBACK / DISCARD ALL before the server is closed
 _TRACKED = frozenset(TRACKED_PARAMETERS)
@@ -637,9 +644,7 @@ class ClientProtocol(Protocol):
             return
         st = self._server_transport
         if st is not None:
-            if data[0] == 81 and self.transaction_mode and sc.pending == 1 \
-                    and _MAYBE_COMMAND.match(data, 5) \
-                    and len(data) == 1 + _LEN.unpack_from(data, 1)[0] \
+            if self.transaction_mode and sc.pending == 1 and _command_query(data) \
                     and self.server.scanner.at_boundary and self._sql_command(data, True):
                 return
             rw = self.rewriter
@@ -647,33 +652,28 @@ class ClientProtocol(Protocol):
                 data = rw.process(data, self.server.stmts)
                 if data:
                     self._write_server(st, data, self.transport)
-                if sc.copy_ended:
-                    self._after_copy_end()
-                return
-            self._write_server(st, data, self.transport)
-            rc = self.request_chunks
-            if rc is not None:
-                self._request_bytes += len(data)
-                if self._request_bytes > REQUEST_KEEP_LIMIT:
-                    self.request_chunks = None
-                else:
-                    rc.append(data)
+            else:
+                self._write_server(st, data, self.transport)
+                rc = self.request_chunks
+                if rc is not None:
+                    self._request_bytes += len(data)
+                    if self._request_bytes > REQUEST_KEEP_LIMIT:
+                        self.request_chunks = None
+                    else:
+                        rc.append(data)
             if sc.copy_ended:
                 self._after_copy_end()
             return
-        if not self._checking_out and data[0] == 81 and sc.pending == 1 and not self._held \
-                and len(data) == 1 + _LEN.unpack_from(data, 1)[0]:
-            # One whole simple Query between transactions: maybe ours. One
-            # anchored probe rejects everything that is not SET/SHOW/PREPARE/
-            # EXECUTE/DEALLOCATE before the specific matchers run.
-            if _MAYBE_COMMAND.match(data, 5):
-                cmd = custom.match(data, 5, len(data))
-                if cmd is not None:
-                    sc.pending -= 1
-                    self._custom_command(*cmd)
-                    return
-                if self.transaction_mode and self._sql_command(data, False):
-                    return
+        if not self._checking_out and sc.pending == 1 and not self._held \
+                and _command_query(data):
+            # One whole simple Query between transactions that may be ours.
+            cmd = custom.match(data, 5, len(data))
+            if cmd is not None:
+                sc.pending -= 1
+                self._custom_command(*cmd)
+                return
+            if self.transaction_mode and self._sql_command(data, False):
+                return
         if self.rewriter is not None and not self._checking_out and not self._held \
                 and data[0] == codes.F_PARSE and sc.at_boundary:
             reply = self.rewriter.answer_locally(data)
@@ -687,17 +687,10 @@ class ClientProtocol(Protocol):
             server = self.user_pool.balancer.take_idle(self.role, self.primary_reads,
                                                        self.shard)
             if server is not None:
-                sp = server.params
-                for k, v in self.params.items():
-                    if sp.get(k) != v:
-                        self._held.append(data)
-                        self._held_len += len(data)
-                        self._checking_out = True
-                        self._got_server(server)
-                        return
                 self._checking_out = True
                 self._held.append(data)
-                self._attach(server)
+                self._held_len += len(data)
+                self._attach_with_params(server)
                 return
         self._held.append(data)
         self._held_len += len(data)
@@ -817,10 +810,16 @@ class ClientProtocol(Protocol):
             self._checkout_next(None)
             return
         self._tried = None
+        self._attach_with_params(server)
+
+    def _attach_with_params(self, server):
+        """Attach ``server`` now, or first SET the tracked parameters whose
+        values differ on it (then attach in ``_params_synced``)."""
         sparams = server.params
-        for k, v in self.params.items():
+        params = self.params
+        for k, v in params.items():
             if sparams.get(k) != v:
-                diff = [(k, v) for k, v in self.params.items() if sparams.get(k) != v]
+                diff = [(k, v) for k, v in params.items() if sparams.get(k) != v]
                 d = server.run([set_parameter_sql(k, v) for k, v in diff],
                                timeout=RESET_TIMEOUT)
                 d.addCallbacks(self._params_synced, self._sync_failed,
