@@ -95,6 +95,10 @@ class Balancer:
         # shard -> [routes without primary reads, routes with]: role -> tuple
         # (nested so the hot path allocates no key).
         self._routes = {shard: [{}, {}] for shard in self.shards}
+        # Bumped whenever the routes are rebuilt (a ban, a role change, lag):
+        # a checkout that queued on an address under the same epoch knows the
+        # address still serves its route without looking it up.
+        self.epoch = 0
         # The last pick of ``take_idle`` among several addresses: when it had
         # no idle server the slow path queues there (``choose(prefer=)``), so
         # an address with idle servers is not favoured over the pick.
@@ -122,6 +126,7 @@ class Balancer:
         return r
 
     def invalidate(self):
+        self.epoch += 1
         for by_pr in self._routes.values():
             by_pr[0].clear()
             by_pr[1].clear()
@@ -171,13 +176,15 @@ class Balancer:
             route = self.route(shard, role, primary_reads)
         n = len(route)
         if n == 1:
-            return route[0].take_idle()
-        if n == 0:
+            pool = route[0]
+        elif n == 0:
+            self.picked = None
             return None
-        if self.loc:
-            pool = self.picked = self._least_busy(route)
+        elif self.loc:
+            pool = self._least_busy(route)
         else:
-            pool = self.picked = route[int(_random() * n)]
+            pool = route[int(_random() * n)]
+        self.picked = pool
         return pool.take_idle()
 
     def _least_busy(self, pools):

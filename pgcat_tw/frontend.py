@@ -53,6 +53,7 @@ from pgcat_tw.protocol import messages as m
 from pgcat_tw.protocol.framing import SKIP, FramingError, MessageBuffer, Scanner, want_table
 from pgcat_tw.relay import TRACKED_PARAMETERS, ClientScanner, writer_for
 from pgcat_tw.tls import ALPN_PROTOCOL, end_point_hash
+from pgcat_tw.pool import Waiter
 from pgcat_tw.prepared import Rewriter, ServerStatements
 from pgcat_tw.router import custom
 from pgcat_tw.router import sql as sqlcmd
@@ -154,6 +155,10 @@ class ClientProtocol(Protocol):
         self._paused_waiting = False
         self.writer = None            # how servers write to this client
         self._waiting = None          # (pool, Waiter) while queued for a server
+        # The one Waiter this client queues with (it waits on one pool at a
+        # time), and the balancer epoch under which its pool was chosen.
+        self._waiter = Waiter(self._got_server, self._checkout_failed, 0.0)
+        self._wait_epoch = -1
         self._checking_out = False
         self._login_timer = None
         self._closing = False
@@ -683,15 +688,27 @@ class ClientProtocol(Protocol):
                 self.transport.write(reply)
                 return
         if not self._checking_out:
-            # Fast path: an idle server that needs no parameter change.
-            server = self.user_pool.balancer.take_idle(self.role, self.primary_reads,
-                                                       self.shard)
+            # Fast paths: an idle server of the balancer's pick, or else a
+            # place in that address's queue (no idle server there at all).
+            up = self.user_pool
+            bal = up.balancer
+            server = bal.take_idle(self.role, self.primary_reads, self.shard)
+            self._checking_out = True
+            self._held.append(data)
+            self._held_len += len(data)
             if server is not None:
-                self._checking_out = True
-                self._held.append(data)
-                self._held_len += len(data)
                 self._attach_with_params(server)
                 return
+            pool = bal.picked
+            if pool is not None and not pool.idle and not pool.closed and not up.closed:
+                self._tried = None
+                w = self._waiter
+                self._waiting = (pool, w)
+                self._wait_epoch = bal.epoch
+                pool.enqueue(w)
+                return
+            self._checkout(False)
+            return
         self._held.append(data)
         self._held_len += len(data)
         if not self._checking_out:
@@ -763,6 +780,7 @@ class ClientProtocol(Protocol):
                                                         self.primary_reads, err))
             return
         tried.append(pool)
+        self._wait_epoch = bal.epoch
         server = pool.take_idle_any()
         if server is not None:
             if pool.is_stale(server):
@@ -772,10 +790,9 @@ class ClientProtocol(Protocol):
                 return
             self._got_server(server)
             return
-        self._waiting = (pool, None)
-        w = pool.wait(self._got_server, self._checkout_failed)
-        if self._waiting is not None and self._waiting[0] is pool:
-            self._waiting = (pool, w)
+        w = self._waiter
+        self._waiting = (pool, w)
+        pool.enqueue(w)
 
     def _health_checked(self, results, server):
         self.user_pool.note_role(server)
@@ -802,7 +819,9 @@ class ClientProtocol(Protocol):
             self._checkout_failed(ServerConnectionFailed(
                 f"{pool.name}: server connection closed before use"))
             return
-        if not self.user_pool.balancer.serves(pool, self.role, self.primary_reads, self.shard):
+        bal = self.user_pool.balancer
+        if bal.epoch != self._wait_epoch and \
+                not bal.serves(pool, self.role, self.primary_reads, self.shard):
             # Its role changed (or it was banned) while we waited for it.
             pool.release(server)
             if self._tried is None:
@@ -881,14 +900,19 @@ class ClientProtocol(Protocol):
                 if out:
                     self._write_server(st, out, self.transport)
             return
-        if self.transaction_mode:
-            self.request_chunks = held[:]
-            self._request_bytes = self._held_len
         if held:
+            # The held list becomes request_chunks (transaction mode: kept
+            # for a possible re-send), so it is not copied.
             self._held = []
+            if self.transaction_mode:
+                self.request_chunks = held
+                self._request_bytes = self._held_len
             self._held_len = 0
             self._write_server(st, held[0] if len(held) == 1 else b"".join(held),
                                self.transport)
+        elif self.transaction_mode:
+            self.request_chunks = []
+            self._request_bytes = 0
 
     def _checkout_failed(self, err):
         """``err``: an exception (from the pool) or a Failure. A server

@@ -142,9 +142,14 @@ class ConnectionPool:
     def wait(self, ok, fail):
         """Queue for the next free connection (the hot path's Deferred-free
         form of acquire). Returns the Waiter, for ``cancel_wait``."""
-        w = Waiter(ok, fail, self.reactor.seconds())
+        return self.enqueue(Waiter(ok, fail, 0.0))
+
+    def enqueue(self, w):
+        """``wait`` with a caller-owned Waiter (a client reuses one for all
+        its checkouts; it is in at most one queue at a time)."""
+        w.since = self.reactor.seconds()
         if self.closed:
-            fail(ServerConnectionFailed(f"{self.name}: pool is closed"))
+            w.fail(ServerConnectionFailed(f"{self.name}: pool is closed"))
             return w
         waiters = self.waiters
         waiters.append(w)
@@ -158,24 +163,32 @@ class ConnectionPool:
     def release(self, conn, used=True):
         """Take back a clean, idle connection. ``used=False`` (the pooler's
         own health checks) leaves ``last_used``, so idle_timeout still
-        applies."""
-        if conn not in self.busy:
+        applies. The first waiter, if any, gets it straight away."""
+        busy = self.busy
+        if conn not in busy:
             return
-        self.busy.discard(conn)
         if getattr(conn, "closed", False):
+            busy.discard(conn)
             self._maybe_connect()
             return
         if self.closed:
+            busy.discard(conn)
             conn.close()
             return
         if used:
             conn.last_used = self.reactor.seconds()
+        waiters = self.waiters
         if self.server_lifetime and conn.last_used - conn.created_at >= self.server_lifetime \
-                and not self.waiters:
+                and not waiters:
+            busy.discard(conn)
             conn.close()
             self._maybe_connect()
             return
-        self._hand_out(conn)
+        if waiters:
+            waiters.popleft().ok(conn)  # stays in busy
+            return
+        busy.discard(conn)
+        self.idle.append(conn)
 
     def discard(self, conn):
         """Close a connection that must not be reused (dirty, broken)."""
