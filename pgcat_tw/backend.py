@@ -107,6 +107,10 @@ class ServerConnection(Protocol):
         self.closed = False
         self.lost_reason = None
         self.keepalive = (5, 5, 5, 0)
+        # The two dataReceived handlers a client switches between when it
+        # binds and unbinds this server (made once, not per transaction).
+        self.relay_data = self._relay_data
+        self.idle_data = self._idle_data
         self.dataReceived = self._login_data
 
     def __repr__(self):
@@ -273,15 +277,6 @@ class ServerConnection(Protocol):
             self.close()
 
     # --- relay ------------------------------------------------------------------
-
-    def bind(self, client, client_scanner):
-        """Attach to a client: from now on every chunk goes to it."""
-        self.client = client
-        self.scanner.client = client_scanner
-        self._write_client = client.writer
-        self._client_transport = client.transport
-        self.state = "active"
-        self.dataReceived = self._relay_data
 
     def unbind(self):
         ct = self._client_transport

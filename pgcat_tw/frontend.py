@@ -51,7 +51,7 @@ from pgcat_tw.errors import (
 from pgcat_tw.protocol import codes
 from pgcat_tw.protocol import messages as m
 from pgcat_tw.protocol.framing import SKIP, FramingError, MessageBuffer, Scanner, want_table
-from pgcat_tw.relay import TRACKED_PARAMETERS, ClientScanner, writer_for
+from pgcat_tw.relay import TRACKED_PARAMETERS, ClientScanner, detach_producer, writer_for
 from pgcat_tw.tls import ALPN_PROTOCOL, end_point_hash
 from pgcat_tw.pool import Waiter
 from pgcat_tw.prepared import Rewriter, ServerStatements
@@ -61,19 +61,12 @@ from pgcat_tw.router import sql as sqlcmd
 log = Logger()
 
 LOGIN_TIMEOUT = 60.0     # seconds a client may take to log in (PgBouncer's default)
-RESET_TIMEOUT = 10.0
+RESET_TIMEOUT = 10.0     # seconds for ROLLBACK / DISCARD ALL before the server is closed
 HOLD_LIMIT = 65536       # bytes held for a waiting client before it is paused
 REQUEST_KEEP_LIMIT = 65536  # request bytes kept for a possible re-send (see request_chunks)
 _LEN = struct.Struct("!i")
-def _command_query(data):
-    """One whole simple Query in this chunk whose text may be a command the
-    pooler answers (an anchored probe, no allocation)."""
-    return (data[0] == 81 and len(data) == 1 + _LEN.unpack_from(data, 1)[0]
-            and _MAYBE_COMMAND.match(data, 5) is not None)
-
-
 _MAYBE_COMMAND = re.compile(rb"\s*(?:set|show|prepare|execute|deallocate|discard)\s",
-                            re.IGNORECASE)     # seconds for ROLLBACK / DISCARD ALL before the server is closed
+                            re.IGNORECASE)
 _TRACKED = frozenset(TRACKED_PARAMETERS)
 _ADMIN_DATABASES = ("pgcat", "pgbouncer")
 
@@ -649,7 +642,11 @@ class ClientProtocol(Protocol):
             return
         st = self._server_transport
         if st is not None:
-            if self.transaction_mode and sc.pending == 1 and _command_query(data) \
+            # One whole command-shaped simple Query (an anchored probe, no
+            # allocation) that the pooler may answer itself.
+            if self.transaction_mode and sc.pending == 1 and data[0] == 81 \
+                    and _MAYBE_COMMAND.match(data, 5) is not None \
+                    and len(data) == 1 + _LEN.unpack_from(data, 1)[0] \
                     and self.server.scanner.at_boundary and self._sql_command(data, True):
                 return
             rw = self.rewriter
@@ -669,8 +666,9 @@ class ClientProtocol(Protocol):
             if sc.copy_ended:
                 self._after_copy_end()
             return
-        if not self._checking_out and sc.pending == 1 and not self._held \
-                and _command_query(data):
+        if not self._checking_out and sc.pending == 1 and not self._held and data[0] == 81 \
+                and _MAYBE_COMMAND.match(data, 5) is not None \
+                and len(data) == 1 + _LEN.unpack_from(data, 1)[0]:
             # One whole simple Query between transactions that may be ours.
             cmd = custom.match(data, 5, len(data))
             if cmd is not None:
@@ -697,7 +695,7 @@ class ClientProtocol(Protocol):
             self._held.append(data)
             self._held_len += len(data)
             if server is not None:
-                self._attach_with_params(server)
+                self._attach(server)
                 return
             pool = bal.picked
             if pool is not None and not pool.idle and not pool.closed and not up.closed:
@@ -829,22 +827,16 @@ class ClientProtocol(Protocol):
             self._checkout_next(None)
             return
         self._tried = None
-        self._attach_with_params(server)
-
-    def _attach_with_params(self, server):
-        """Attach ``server`` now, or first SET the tracked parameters whose
-        values differ on it (then attach in ``_params_synced``)."""
-        sparams = server.params
-        params = self.params
-        for k, v in params.items():
-            if sparams.get(k) != v:
-                diff = [(k, v) for k, v in params.items() if sparams.get(k) != v]
-                d = server.run([set_parameter_sql(k, v) for k, v in diff],
-                               timeout=RESET_TIMEOUT)
-                d.addCallbacks(self._params_synced, self._sync_failed,
-                               callbackArgs=(server, diff), errbackArgs=(server,))
-                return
         self._attach(server)
+
+    def _sync_params(self, server):
+        """SET the tracked parameters whose values differ on ``server``,
+        then attach it (``_params_synced``)."""
+        sparams = server.params
+        diff = [(k, v) for k, v in self.params.items() if sparams.get(k) != v]
+        d = server.run([set_parameter_sql(k, v) for k, v in diff], timeout=RESET_TIMEOUT)
+        d.addCallbacks(self._params_synced, self._sync_failed,
+                       callbackArgs=(server, diff), errbackArgs=(server,))
 
     def _params_synced(self, results, server, diff):
         for (k, v), r in zip(diff, results):
@@ -868,7 +860,7 @@ class ClientProtocol(Protocol):
             return
         if news:
             self.transport.write(b"".join(news))
-        self._attach(server)
+        self._attach(server, True)
 
     def _sync_failed(self, failure, server):
         pool = server.pool
@@ -876,13 +868,28 @@ class ClientProtocol(Protocol):
         self._waiting = (pool, None)
         self._checkout_failed(failure)
 
-    def _attach(self, server):
+    def _attach(self, server, params_synced=False):
+        """Bind ``server`` to this client and send what was held for it;
+        first SET the tracked parameters whose values differ on it, unless
+        that was just done (then attach in ``_params_synced``)."""
+        if not params_synced:
+            sparams = server.params
+            for k, v in self.params.items():
+                if sparams.get(k) != v:
+                    self._sync_params(server)
+                    return
         self._checking_out = False
         self.server = server
         st = server.transport
         self._server_transport = st
         self._write_server = server.writer
-        server.bind(self, self.scanner)
+        # server.bind(), inline (hot path)
+        server.client = self
+        server.scanner.client = self.scanner
+        server._write_client = self.writer
+        server._client_transport = self.transport
+        server.state = "active"
+        server.dataReceived = server.relay_data
         if self._paused_waiting:
             self._paused_waiting = False
             self.transport.resumeProducing()
@@ -1087,7 +1094,20 @@ class ClientProtocol(Protocol):
         self.server = None
         self._server_transport = None
         self._write_server = None
-        server.unbind()
+        # server.unbind(), inline (hot path)
+        ct = self.transport
+        st = server.transport
+        server.client = None
+        server.scanner.client = None
+        server._write_client = None
+        server._client_transport = None
+        server.state = "idle"
+        server.dataReceived = server.idle_data
+        # Writers register producers only when a write had to be buffered.
+        if getattr(ct, "producer", None) is not None:
+            detach_producer(ct, st)
+        if getattr(st, "producer", None) is not None:
+            detach_producer(st, ct)
         pool = server.pool
         if server.scanner.dirty or not self.transaction_mode or (
                 self.scanner.named_parse and self.rewriter is None):
