@@ -6,7 +6,9 @@ legacy-log context (four Python frames and a dict) before ``_doReadOrWrite``.
 For a proxy that is a measurable share of the CPU spent per relayed chunk.
 ``install(reactor)`` replaces the reactor's ``doIteration`` with a loop that
 calls ``_doReadOrWrite`` directly and keeps the one thing the wrapper adds
-that matters: an exception escaping dispatch is logged, not fatal.
+that matters: an exception escaping dispatch is logged, not fatal. Reads on
+plain TCP connections are done inline, and the loop polls again without
+going back to mainLoop while no timed call, thread call or stop is due.
 
 It touches reactor internals, so it checks for them and does nothing (returns
 False) on any other reactor or Twisted layout. Only service/tap code calls it.
@@ -40,46 +42,70 @@ def _plain_tcp_classes():
     return frozenset(classes)
 
 
+_LONGEST = 2147483  # seconds: the largest timeout epoll_wait takes (as Twisted caps it)
+
+
 def _fast_do_poll(self, timeout):
+    """One call from mainLoop runs as many poll rounds as it can: after a
+    round it polls again at once unless something needs mainLoop
+    (runUntilCurrent): a timed call due or newly scheduled, a call from
+    another thread (signals arrive that way), a stop. That skips three
+    Python frames per round (runUntilCurrent, timeout, the loop) without
+    delaying anything they would have run."""
     if timeout is None:
         timeout = -1
-    try:
-        events = self._poller.poll(timeout, len(self._selectables))
-    except OSError as err:
-        if err.errno == errno.EINTR:
-            return
-        raise
+    poll = self._poller.poll
     selectables = self._selectables
     dispatch = self._doReadOrWrite
-    for fd, event in events:
-        selectable = selectables.get(fd)
-        if selectable is None:
-            continue
-        if event == _EPOLLIN and selectable.__class__ in _PLAIN_TCP:
-            # The common case: data to read on a TCP connection. The same
-            # steps as _doReadOrWrite -> tcp.Connection.doRead -> _dataReceived,
-            # without their generic checks and frames.
-            try:
-                try:
-                    data = selectable.socket.recv(selectable.bufferSize)
-                except OSError as se:
-                    why = None if se.args[0] in _AGAIN else CONNECTION_LOST
-                else:
-                    if data:
-                        why = selectable.protocol.dataReceived(data)
-                    else:
-                        why = CONNECTION_DONE
-            except BaseException:
-                why = sys.exc_info()[1]
-                log.failure("unhandled error reading from {selectable}",
-                            selectable=selectable)
-            if why:
-                self._disconnectSelectable(selectable, why, True)
-            continue
+    seconds = self.seconds
+    while True:
         try:
-            dispatch(selectable, fd, event)
-        except Exception:
-            log.failure("unhandled error dispatching {selectable}", selectable=selectable)
+            events = poll(timeout, len(selectables))
+        except OSError as err:
+            if err.errno == errno.EINTR:
+                return
+            raise
+        for fd, event in events:
+            selectable = selectables.get(fd)
+            if selectable is None:
+                continue
+            if event == _EPOLLIN and selectable.__class__ in _PLAIN_TCP:
+                # The common case: data to read on a TCP connection. The same
+                # steps as _doReadOrWrite -> tcp.Connection.doRead -> _dataReceived,
+                # without their generic checks and frames.
+                try:
+                    try:
+                        data = selectable.socket.recv(selectable.bufferSize)
+                    except OSError as se:
+                        why = None if se.args[0] in _AGAIN else CONNECTION_LOST
+                    else:
+                        if data:
+                            why = selectable.protocol.dataReceived(data)
+                        else:
+                            why = CONNECTION_DONE
+                except BaseException:
+                    why = sys.exc_info()[1]
+                    log.failure("unhandled error reading from {selectable}",
+                                selectable=selectable)
+                if why:
+                    self._disconnectSelectable(selectable, why, True)
+                continue
+            try:
+                dispatch(selectable, fd, event)
+            except Exception:
+                log.failure("unhandled error dispatching {selectable}", selectable=selectable)
+        if self.threadCallQueue or self._newTimedCalls or self._justStopped \
+                or not self.running or not self._started:
+            return
+        pending = self._pendingTimedCalls
+        if pending:
+            timeout = pending[0].time - seconds()
+            if timeout <= 0:
+                return
+            if timeout > _LONGEST:
+                timeout = _LONGEST
+        else:
+            timeout = -1
 
 
 def install(reactor):
@@ -90,7 +116,8 @@ def install(reactor):
         return False
     if not isinstance(reactor, EPollReactor):
         return False
-    for attr in ("_poller", "_selectables", "_doReadOrWrite"):
+    for attr in ("_poller", "_selectables", "_doReadOrWrite", "threadCallQueue",
+                 "_newTimedCalls", "_pendingTimedCalls", "_justStopped", "_started"):
         if not hasattr(reactor, attr):
             return False
     if getattr(reactor, "_pgcat_fastpoll", False):
