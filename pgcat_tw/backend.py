@@ -321,10 +321,11 @@ class ServerConnection(Protocol):
             client = self.client
             cs = sc.client
             # Transaction mode: back to the pool once nothing the client sent
-            # is unanswered (relay.ClientScanner.idle, inlined).
+            # is unanswered (relay.ClientScanner.idle, inlined; state 0: at a
+            # message boundary).
             if (client.transaction_mode or client.draining) and sc.tx_status == 73 \
                     and cs.pending <= 0 \
-                    and not cs.unsynced and not cs.in_copy and cs.at_boundary:
+                    and not cs.unsynced and not cs.in_copy and not cs.state:
                 client.release_server(self)
 
     def _prepared_reply(self, data):

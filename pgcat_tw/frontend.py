@@ -695,7 +695,8 @@ class ClientProtocol(Protocol):
             self._held.append(data)
             self._held_len += len(data)
             if server is not None:
-                self._attach(server)
+                self._wait_epoch = bal.epoch
+                self._got_server(server)
                 return
             pool = bal.picked
             if pool is not None and not pool.idle and not pool.closed and not up.closed:
@@ -803,7 +804,12 @@ class ClientProtocol(Protocol):
         self._checkout_failed(ServerConnectionFailed(
             f"{pool.name}: health check failed: {failure.getErrorMessage()}"))
 
-    def _got_server(self, server):
+    def _got_server(self, server, params_synced=False):
+        """A server for this client's checkout (from its pool's queue, the
+        idle fast path or a health check): bind it and send what was held
+        for it. Tracked parameters that differ on it are SET first, unless
+        that was just done (``_params_synced``). One function on purpose:
+        this runs for every transaction."""
         self._waiting = None
         transport = self.transport
         if transport is None or self._closing or not transport.connected:
@@ -827,51 +833,6 @@ class ClientProtocol(Protocol):
             self._checkout_next(None)
             return
         self._tried = None
-        self._attach(server)
-
-    def _sync_params(self, server):
-        """SET the tracked parameters whose values differ on ``server``,
-        then attach it (``_params_synced``)."""
-        sparams = server.params
-        diff = [(k, v) for k, v in self.params.items() if sparams.get(k) != v]
-        d = server.run([set_parameter_sql(k, v) for k, v in diff], timeout=RESET_TIMEOUT)
-        d.addCallbacks(self._params_synced, self._sync_failed,
-                       callbackArgs=(server, diff), errbackArgs=(server,))
-
-    def _params_synced(self, results, server, diff):
-        for (k, v), r in zip(diff, results):
-            if r.error:
-                server.pool.release(server)
-                self._checking_out = False
-                self._fail_held(PgError(
-                    f"could not apply {k}={v!r} on the server: {r.error.get('M')}",
-                    sqlstate=r.error.get("C", "22023")))
-                return
-        # Adopt the server's spelling of the values, and tell the client if
-        # it differs from what it was told.
-        news = []
-        for k, v in diff:
-            new = server.params.get(k, v)
-            if new != v:
-                self.params[k] = new
-                news.append(m.parameter_status(k, new))
-        if self.transport is None or self._closing:
-            server.pool.release(server)
-            return
-        if news:
-            self.transport.write(b"".join(news))
-        self._attach(server, True)
-
-    def _sync_failed(self, failure, server):
-        pool = server.pool
-        pool.discard(server)
-        self._waiting = (pool, None)
-        self._checkout_failed(failure)
-
-    def _attach(self, server, params_synced=False):
-        """Bind ``server`` to this client and send what was held for it;
-        first SET the tracked parameters whose values differ on it, unless
-        that was just done (then attach in ``_params_synced``)."""
         if not params_synced:
             sparams = server.params
             for k, v in self.params.items():
@@ -920,6 +881,45 @@ class ClientProtocol(Protocol):
         elif self.transaction_mode:
             self.request_chunks = []
             self._request_bytes = 0
+
+    def _sync_params(self, server):
+        """SET the tracked parameters whose values differ on ``server``,
+        then attach it (``_params_synced``)."""
+        sparams = server.params
+        diff = [(k, v) for k, v in self.params.items() if sparams.get(k) != v]
+        d = server.run([set_parameter_sql(k, v) for k, v in diff], timeout=RESET_TIMEOUT)
+        d.addCallbacks(self._params_synced, self._sync_failed,
+                       callbackArgs=(server, diff), errbackArgs=(server,))
+
+    def _params_synced(self, results, server, diff):
+        for (k, v), r in zip(diff, results):
+            if r.error:
+                server.pool.release(server)
+                self._checking_out = False
+                self._fail_held(PgError(
+                    f"could not apply {k}={v!r} on the server: {r.error.get('M')}",
+                    sqlstate=r.error.get("C", "22023")))
+                return
+        # Adopt the server's spelling of the values, and tell the client if
+        # it differs from what it was told.
+        news = []
+        for k, v in diff:
+            new = server.params.get(k, v)
+            if new != v:
+                self.params[k] = new
+                news.append(m.parameter_status(k, new))
+        if self.transport is None or self._closing:
+            server.pool.release(server)
+            return
+        if news:
+            self.transport.write(b"".join(news))
+        self._got_server(server, True)
+
+    def _sync_failed(self, failure, server):
+        pool = server.pool
+        pool.discard(server)
+        self._waiting = (pool, None)
+        self._checkout_failed(failure)
 
     def _checkout_failed(self, err):
         """``err``: an exception (from the pool) or a Failure. A server

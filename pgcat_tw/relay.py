@@ -122,7 +122,7 @@ class ClientScanner(Scanner):
         and ``on_message``, with the same effect."""
         n = len(data)
         pos = 0
-        if self._state != _NONE:
+        if self.state != _NONE:
             pos = self._resume(data, n)
             if pos < 0:
                 return
@@ -167,10 +167,10 @@ class ClientScanner(Scanner):
             if want[data[pos]] < 0:
                 self._bad_type(data[pos])
             self._head = data[pos:]
-            self._state = _HEAD
+            self.state = _HEAD
         elif pos > n:
             self._skip = pos - n
-            self._state = _SKIP
+            self.state = _SKIP
 
     def on_message(self, t, buf, start, end):
         if t == _Q:
@@ -281,7 +281,7 @@ class ServerScanner(Scanner):
         inline when no statement tracking is on (see ClientScanner.feed)."""
         n = len(data)
         pos = 0
-        if self._state != _NONE:
+        if self.state != _NONE:
             pos = self._resume(data, n)
             if pos < 0:
                 return
@@ -318,10 +318,10 @@ class ServerScanner(Scanner):
             pos = end
         if pos < n:
             self._head = data[pos:]
-            self._state = _HEAD
+            self.state = _HEAD
         elif pos > n:
             self._skip = pos - n
-            self._state = _SKIP
+            self.state = _SKIP
 
     def on_message(self, t, buf, start, end):
         if t == _Z:

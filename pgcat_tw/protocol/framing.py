@@ -25,7 +25,9 @@ _unpack_len = _LEN.unpack_from
 
 MAX_STARTUP_PACKET = 10000  # the same limit PostgreSQL applies
 
-# Scanner states (what is carried over between chunks).
+# Scanner states (what is carried over between chunks). ``Scanner.state`` is
+# 0 (false) exactly when the scanner is at a message boundary, so hot paths
+# test ``not scanner.state`` instead of calling the ``at_boundary`` property.
 _NONE, _SKIP, _HEAD, _PEEK = range(4)
 
 # want[] values
@@ -110,13 +112,13 @@ class Scanner:
     ``feed`` raises FramingError for a bad length or an INVALID type.
     """
 
-    __slots__ = ("want", "max_len", "_state", "_skip", "_head", "_peek", "_peek_type",
+    __slots__ = ("want", "max_len", "state", "_skip", "_head", "_peek", "_peek_type",
                  "_peek_need", "_peek_after")
 
     def __init__(self, want, max_len=0x7FFFFFFF):
         self.want = want
         self.max_len = max_len
-        self._state = _NONE
+        self.state = _NONE
         self._skip = 0
         self._head = b""
         self._peek = None
@@ -130,15 +132,15 @@ class Scanner:
     @property
     def at_boundary(self):
         """True when no message is partially received."""
-        return self._state == _NONE
+        return self.state == _NONE
 
     @property
     def partial_header(self):
         """Bytes of a split header held from the last chunk (0 to 4)."""
-        return len(self._head) if self._state == _HEAD else 0
+        return len(self._head) if self.state == _HEAD else 0
 
     def reset(self):
-        self._state = _NONE
+        self.state = _NONE
         self._skip = 0
         self._head = b""
         self._peek = None
@@ -155,7 +157,7 @@ class Scanner:
     def feed(self, data):
         n = len(data)
         pos = 0
-        if self._state != _NONE:
+        if self.state != _NONE:
             pos = self._resume(data, n)
             if pos < 0:
                 return
@@ -188,30 +190,30 @@ class Scanner:
                 # Refuse a bad type byte now, before the chunk is forwarded.
                 self._bad_type(data[pos])
             self._head = data[pos:]
-            self._state = _HEAD
+            self.state = _HEAD
         elif pos > n:
             self._skip = pos - n
-            self._state = _SKIP
+            self.state = _SKIP
 
     def _start_peek(self, t, data, start, n, need, after):
         self._peek = bytearray(data[start:n])
         self._peek_type = t
         self._peek_need = need
         self._peek_after = after
-        self._state = _PEEK
+        self.state = _PEEK
 
     def _resume(self, data, n):
         """Finish what the previous chunk left open. Returns the position in
         ``data`` where the next header starts (may be >= n), or -1 if the
         whole chunk was consumed and state remains."""
-        state = self._state
+        state = self.state
         if state == _SKIP:
             skip = self._skip
             if skip > n:
                 self._skip = skip - n
                 return -1
             self._skip = 0
-            self._state = _NONE
+            self.state = _NONE
             return skip
         if state == _HEAD:
             head = self._head
@@ -221,7 +223,7 @@ class Scanner:
                 return -1
             hdr = head + data[:need]
             self._head = b""
-            self._state = _NONE
+            self.state = _NONE
             t = hdr[0]
             ln = _unpack_len(hdr, 1)[0]
             if ln < 4 or ln > self.max_len:
@@ -248,13 +250,13 @@ class Scanner:
             return -1
         peek += data[:need]
         self._peek = None
-        self._state = _NONE
+        self.state = _NONE
         self.on_message(self._peek_type, peek, 0, len(peek))
         return self._advance(need + self._peek_after, n)
 
     def _advance(self, pos, n):
         if pos > n:
             self._skip = pos - n
-            self._state = _SKIP
+            self.state = _SKIP
             return -1
         return pos
