@@ -185,7 +185,7 @@ class Balancer:
         else:
             pool = route[int(_random() * n)]
         self.picked = pool
-        return pool.take_idle()
+        return pool.take_idle() if pool.idle else None
 
     def _least_busy(self, pools):
         best = None

@@ -311,7 +311,8 @@ class ServerScanner(Scanner):
                     client = self.client
                     if client is not None:
                         client.pending -= 1
-                elif t == _CC and hend < end and data[hend] not in _DIRTY_TAGS:
+                elif t == _CC and hend < end and (data[hend] not in _DIRTY_TAGS
+                                                  or data.startswith(b"SELECT", hend)):
                     pass  # SELECT, INSERT, ...: nothing to note
                 else:
                     self.on_message(t, data, hend, pend)
