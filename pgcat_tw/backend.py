@@ -312,13 +312,8 @@ class ServerConnection(Protocol):
             return
         if sc.stmts is not None:
             data = self._prepared_reply(data)
-            if data:
-                self._write_client(self._client_transport, data, self.transport)
-        else:
-            self._write_client(self._client_transport, data, self.transport)
         if sc.rfq:
             sc.rfq = False
-            client = self.client
             cs = sc.client
             # Transaction mode: back to the pool once nothing the client sent
             # is unanswered (relay.ClientScanner.idle, inlined; state 0: at a
@@ -326,7 +321,24 @@ class ServerConnection(Protocol):
             if (client.transaction_mode or client.draining) and sc.tx_status == 73 \
                     and cs.pending <= 0 \
                     and not cs.unsynced and not cs.in_copy and not cs.state:
+                write, ct = self._write_client, self._client_transport
+                if client.draining:
+                    # The answer first: a draining client is closed with an
+                    # error once its server is released.
+                    if data:
+                        write(ct, data, self.transport)
+                    client.release_server(self)
+                    return
+                # Hand the server on before forwarding this last chunk of the
+                # answer, so the next client's query is already on its way to
+                # the server while the answer goes out. No producer: the
+                # server belongs to somebody else now, and nothing follows.
                 client.release_server(self)
+                if data:
+                    write(ct, data, None)
+                return
+        if data:
+            self._write_client(self._client_transport, data, self.transport)
 
     def _prepared_reply(self, data):
         """Prepared mode: apply the scanner's edits (cut or retyped

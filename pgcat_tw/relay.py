@@ -157,6 +157,10 @@ class ClientScanner(Scanner):
                     self.queries += 1
                 elif t == _BIND or t == _DESCRIBE:
                     self.unsynced = True
+                elif t == _PARSE and hend < end and hend < n:
+                    self.unsynced = True
+                    if data[hend] != 0:
+                        self.named_parse = True
                 elif hend < n or end == hend:
                     self.on_message(t, data, hend, hend + 1 if end > hend else end)
                 else:
