@@ -35,7 +35,7 @@ from pgcat_tw.prepared import (
 )
 from pgcat_tw.protocol import codes
 from pgcat_tw.protocol.framing import INVALID, SKIP, Scanner, want_table
-from pgcat_tw.protocol.framing import _HEAD, _NONE, _SKIP, _unpack_len
+from pgcat_tw.protocol.framing import _HEAD, _NONE, _SKIP, _unpack_header
 from pgcat_tw.protocol.messages import parse_parameter_status
 
 # Parameters whose client value is re-applied on whichever server a client's
@@ -132,8 +132,7 @@ class ClientScanner(Scanner):
             hend = pos + 5
             if hend > n:
                 break
-            t = data[pos]
-            ln = _unpack_len(data, pos + 1)[0]
+            t, ln = _unpack_header(data, pos)
             if ln < 4 or ln > max_len:
                 self._bad_length(t, ln)
             end = pos + 1 + ln
@@ -296,8 +295,7 @@ class ServerScanner(Scanner):
             hend = pos + 5
             if hend > n:
                 break
-            t = data[pos]
-            ln = _unpack_len(data, pos + 1)[0]
+            t, ln = _unpack_header(data, pos)
             if ln < 4 or ln > max_len:
                 self._bad_length(t, ln)
             end = pos + 1 + ln

@@ -22,6 +22,7 @@ from pgcat_tw.errors import ProtocolViolation
 
 _LEN = struct.Struct("!i")
 _unpack_len = _LEN.unpack_from
+_unpack_header = struct.Struct("!Bi").unpack_from  # type byte and length, one call
 
 MAX_STARTUP_PACKET = 10000  # the same limit PostgreSQL applies
 
@@ -167,8 +168,7 @@ class Scanner:
             hend = pos + 5
             if hend > n:
                 break
-            t = data[pos]
-            ln = _unpack_len(data, pos + 1)[0]
+            t, ln = _unpack_header(data, pos)
             if ln < 4 or ln > max_len:
                 self._bad_length(t, ln)
             end = pos + 1 + ln
