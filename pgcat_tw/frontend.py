@@ -51,7 +51,13 @@ from pgcat_tw.errors import (
 from pgcat_tw.protocol import codes
 from pgcat_tw.protocol import messages as m
 from pgcat_tw.protocol.framing import SKIP, FramingError, MessageBuffer, Scanner, want_table
-from pgcat_tw.relay import TRACKED_PARAMETERS, ClientScanner, detach_producer, writer_for
+from pgcat_tw.relay import (
+    TRACKED_PARAMETERS,
+    ClientScanner,
+    ParameterValues,
+    detach_producer,
+    writer_for,
+)
 from pgcat_tw.tls import ALPN_PROTOCOL, end_point_hash
 from pgcat_tw.pool import Waiter
 from pgcat_tw.prepared import Rewriter, ServerStatements
@@ -583,7 +589,7 @@ class ClientProtocol(Protocol):
                 return
         for k, v in wanted.items():
             desired[k] = up.canonical.get((k, v), v)
-        self.params = desired
+        self.params = ParameterValues(desired)
         greeting = [m.auth_ok()]
         for name, value in ref.items():
             greeting.append(m.parameter_status(name, desired.get(name, value)))
@@ -620,6 +626,8 @@ class ClientProtocol(Protocol):
     def _enter_work_phase(self):
         max_len = self.factory.get_cluster().config.general.max_packet_size
         self.scanner = ClientScanner(max_len)
+        if type(self.params) is not ParameterValues:
+            self.params = ParameterValues(self.params)
         self.scanner.params = self.params
         self.dataReceived = self._work_data
         rest = self._buf.take_rest()
@@ -834,11 +842,21 @@ class ClientProtocol(Protocol):
             return
         self._tried = None
         if not params_synced:
+            # Equal tracked tuples (cached, see relay.ParameterValues): no
+            # SET needed. Otherwise compare the values this client has.
+            params = self.params
             sparams = server.params
-            for k, v in self.params.items():
-                if sparams.get(k) != v:
-                    self._sync_params(server)
-                    return
+            mine = params._tracked
+            if mine is None:
+                mine = params.tracked()
+            theirs = sparams._tracked
+            if theirs is None:
+                theirs = sparams.tracked()
+            if mine != theirs:
+                for k, v in params.items():
+                    if sparams.get(k) != v:
+                        self._sync_params(server)
+                        return
         self._checking_out = False
         self.server = server
         st = server.transport

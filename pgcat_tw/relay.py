@@ -48,6 +48,60 @@ TRACKED_PARAMETERS = (
     "application_name",
 )
 
+
+
+class ParameterValues(dict):
+    """A dict of parameter values (a client's tracked ones, or what a server
+    reported) that caches the tuple of its TRACKED_PARAMETERS values for the
+    checkout's comparison (``frontend._got_server``): two equal tuples mean
+    the server needs no SET, in one C-level compare. Every mutation clears
+    the cache."""
+
+    __slots__ = ("_tracked",)
+
+    def __init__(self, *args, **kwargs):
+        dict.__init__(self, *args, **kwargs)
+        self._tracked = None
+
+    def tracked(self):
+        t = self._tracked
+        if t is None:
+            t = self._tracked = tuple(map(self.get, TRACKED_PARAMETERS))
+        return t
+
+    def __setitem__(self, key, value):
+        dict.__setitem__(self, key, value)
+        self._tracked = None
+
+    def __delitem__(self, key):
+        dict.__delitem__(self, key)
+        self._tracked = None
+
+    def __ior__(self, other):
+        self.update(other)
+        return self
+
+    def update(self, *args, **kwargs):
+        dict.update(self, *args, **kwargs)
+        self._tracked = None
+
+    def pop(self, *args):
+        self._tracked = None
+        return dict.pop(self, *args)
+
+    def popitem(self):
+        self._tracked = None
+        return dict.popitem(self)
+
+    def setdefault(self, key, default=None):
+        self._tracked = None
+        return dict.setdefault(self, key, default)
+
+    def clear(self):
+        dict.clear(self)
+        self._tracked = None
+
+
 _Q = codes.F_QUERY
 _SYNC = codes.F_SYNC
 _EXEC = codes.F_EXECUTE
@@ -104,7 +158,7 @@ class ClientScanner(Scanner):
         self.in_copy_ext = False  # ... and it was started by an extended Execute
         self.copy_ended = False   # CopyDone/CopyFail seen in this chunk
         self.named_parse = False  # a named Parse was sent (statement on server)
-        self.params = {}          # the client's tracked parameter values
+        self.params = ParameterValues()  # the client's tracked parameter values
         self.queries = 0
 
     @property
@@ -216,7 +270,7 @@ class ServerScanner(Scanner):
         self.client = None        # the bound client's ClientScanner
         self.tx_status = codes.TX_IDLE
         self.rfq = False          # a ReadyForQuery arrived in this chunk
-        self.params = {}          # the server's current reported parameters
+        self.params = ParameterValues()  # the server's current reported parameters
         self.dirty = False        # session state left behind: reset before reuse
         self.errors = 0
         self.stmts = None         # prepared.ServerStatements in prepared mode
@@ -289,34 +343,38 @@ class ServerScanner(Scanner):
             if pos < 0:
                 return
         want = self.want
-        max_len = self.max_len
         plain = self.stmts is None
         while True:
             hend = pos + 5
             if hend > n:
                 break
             t, ln = _unpack_header(data, pos)
-            if ln < 4 or ln > max_len:
+            if ln < 4:  # (no maximum for a server's messages)
                 self._bad_length(t, ln)
-            end = pos + 1 + ln
+            end = hend + ln - 4
             w = want[t]
             if w:
-                pend = hend + w
-                if pend > end:
-                    pend = end
-                if pend > n:
-                    self._start_peek(t, data, hend, n, pend - hend, end - pend)
-                    return
-                if t == _Z and plain and hend < end:
-                    self.tx_status = data[hend]
-                    self.rfq = True
-                    client = self.client
-                    if client is not None:
-                        client.pending -= 1
-                elif t == _CC and hend < end and (data[hend] not in _DIRTY_TAGS
-                                                  or data.startswith(b"SELECT", hend)):
-                    pass  # SELECT, INSERT, ...: nothing to note
+                if hend < end <= n:
+                    # The whole message is in this chunk (the usual case).
+                    if t == _Z and plain:
+                        self.tx_status = data[hend]
+                        self.rfq = True
+                        client = self.client
+                        if client is not None:
+                            client.pending -= 1
+                    elif t == _CC and (data[hend] not in _DIRTY_TAGS
+                                       or data.startswith(b"SELECT", hend)):
+                        pass  # SELECT, INSERT, ...: nothing to note
+                    else:
+                        pend = hend + w
+                        self.on_message(t, data, hend, pend if pend < end else end)
                 else:
+                    pend = hend + w
+                    if pend > end:
+                        pend = end
+                    if pend > n:
+                        self._start_peek(t, data, hend, n, pend - hend, end - pend)
+                        return
                     self.on_message(t, data, hend, pend)
             pos = end
         if pos < n:

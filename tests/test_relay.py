@@ -764,3 +764,31 @@ class WriterForTests(SynchronousTestCase):
             peer.recv(100)
         self.assertEqual(b"".join(conn._tempDataBuffer), b"firstsecond")
         self.assertIn(conn, conn.reactor.getWriters())
+
+
+class ParameterValuesTests(SynchronousTestCase):
+    """The cached tuple of tracked values is rebuilt after every mutation."""
+
+    def test_every_mutation_clears_the_cache(self):
+        from pgcat_tw.relay import ParameterValues
+
+        p = ParameterValues(TimeZone="UTC", server_version="15")
+        first = p.tracked()
+        self.assertEqual(first[TRACKED_PARAMETERS.index("TimeZone")], "UTC")
+        self.assertIs(p.tracked(), first)          # cached
+        mutations = [
+            lambda: p.__setitem__("TimeZone", "Europe/Paris"),
+            lambda: p.update(DateStyle="ISO, DMY"),
+            lambda: p.__ior__({"application_name": "x"}),
+            lambda: p.pop("application_name"),
+            lambda: p.setdefault("client_encoding", "UTF8"),
+            lambda: p.__delitem__("client_encoding"),
+            lambda: p.popitem(),
+            lambda: p.clear(),
+        ]
+        for mutate in mutations:
+            before = p.tracked()
+            mutate()
+            self.assertIsNone(p._tracked)
+            self.assertEqual(p.tracked(), tuple(p.get(k) for k in TRACKED_PARAMETERS))
+            self.assertIsNot(p.tracked(), before)
