@@ -9,6 +9,12 @@ the server answers RowDescription/DataRow/CommandComplete/ReadyForQuery, the
 pooler forwards and checks the server back in.
 
     python bench/relay_micro.py [--seconds 3] [--mode simple|extended|both]
+                                [--flush-kib 4096]
+
+``--flush-kib N`` also times each event with N KiB copied between events
+(evicting the CPU caches, as pgbench and Postgres do on a small machine
+between the pooler's events): the "cold" figure, which tracks how much code
+and data one transaction touches rather than how fast it runs when warm.
 """
 
 import argparse
@@ -155,14 +161,57 @@ def run_contended(mode, seconds):
           "contended: every checkout waits (Python path only)")
 
 
+def run_cold(mode, flush_kib, rounds=3, n=2000):
+    """Per-transaction time with the caches flushed before every event
+    (best of ``rounds``), uncontended and contended."""
+    flush = bytearray(flush_kib * 1024)
+    req = request(mode)
+    resp = response()
+    if mode == "extended":
+        resp = m._msg(b"1", b"") + m._msg(b"2", b"") + resp
+    clock = time.perf_counter
+
+    def once(contended):
+        if contended:
+            clients, server, st, pool = build(2)
+            (a, at), (b, bt) = clients
+            a.dataReceived(req)
+        else:
+            a, at, server, st, pool = build()
+            b = a
+        total = 0.0
+        for i in range(n):
+            bytes(flush)
+            t0 = clock()
+            b.dataReceived(req)
+            total += clock() - t0
+            bytes(flush)
+            t0 = clock()
+            server.dataReceived(resp)
+            total += clock() - t0
+            if contended:
+                a, b = b, a
+            if i % 500 == 0:
+                st.clear()
+        return total / n * 1e6
+
+    best = [min(once(c) for _ in range(rounds)) for c in (False, True)]
+    print(f"{mode:9s} cold ({flush_kib} KiB flushed between events): "
+          f"{best[0]:6.2f} us/txn uncontended, {best[1]:6.2f} us/txn contended")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--mode", choices=["simple", "extended", "both"], default="both")
+    ap.add_argument("--flush-kib", type=int, default=0,
+                    help="also time each event after copying this many KiB (cold caches)")
     args = ap.parse_args()
     for mode in (["simple", "extended"] if args.mode == "both" else [args.mode]):
         run(mode, args.seconds)
         run_contended(mode, args.seconds)
+        if args.flush_kib:
+            run_cold(mode, args.flush_kib)
 
 
 if __name__ == "__main__":

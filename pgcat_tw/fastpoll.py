@@ -26,6 +26,7 @@ log = Logger()
 
 _EPOLLIN = select.EPOLLIN if hasattr(select, "EPOLLIN") else 1
 _PLAIN_TCP = frozenset()
+_ACCEPTED = None  # twisted.internet.tcp.Server: connections accepted by a port
 _AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR)
 
 
@@ -65,35 +66,49 @@ def _fast_do_poll(self, timeout):
             if err.errno == errno.EINTR:
                 return
             raise
-        for fd, event in events:
-            selectable = selectables.get(fd)
-            if selectable is None:
-                continue
-            if event == _EPOLLIN and selectable.__class__ in _PLAIN_TCP:
-                # The common case: data to read on a TCP connection. The same
-                # steps as _doReadOrWrite -> tcp.Connection.doRead -> _dataReceived,
-                # without their generic checks and frames.
-                try:
+        # Two passes when several connections are ready: reads on accepted
+        # connections (a pooler's clients) wait until the others (its
+        # servers' answers) are done, so a server whose transaction ended is
+        # handed to its next client as early as possible; a client's query
+        # read first would only join a queue.
+        later = [] if len(events) > 1 else None
+        for batch in (events, later):
+            if not batch:
+                break
+            for fd, event in batch:
+                selectable = selectables.get(fd)
+                if selectable is None:
+                    continue
+                cls = selectable.__class__
+                if event == _EPOLLIN and cls in _PLAIN_TCP:
+                    if cls is _ACCEPTED and later is not None and batch is events:
+                        later.append((fd, event))
+                        continue
+                    # The common case: data to read on a TCP connection. The
+                    # same steps as _doReadOrWrite -> tcp.Connection.doRead ->
+                    # _dataReceived, without their generic checks and frames.
                     try:
-                        data = selectable.socket.recv(selectable.bufferSize)
-                    except OSError as se:
-                        why = None if se.args[0] in _AGAIN else CONNECTION_LOST
-                    else:
-                        if data:
-                            why = selectable.protocol.dataReceived(data)
+                        try:
+                            data = selectable.socket.recv(selectable.bufferSize)
+                        except OSError as se:
+                            why = None if se.args[0] in _AGAIN else CONNECTION_LOST
                         else:
-                            why = CONNECTION_DONE
-                except BaseException:
-                    why = sys.exc_info()[1]
-                    log.failure("unhandled error reading from {selectable}",
+                            if data:
+                                why = selectable.protocol.dataReceived(data)
+                            else:
+                                why = CONNECTION_DONE
+                    except BaseException:
+                        why = sys.exc_info()[1]
+                        log.failure("unhandled error reading from {selectable}",
+                                    selectable=selectable)
+                    if why:
+                        self._disconnectSelectable(selectable, why, True)
+                    continue
+                try:
+                    dispatch(selectable, fd, event)
+                except Exception:
+                    log.failure("unhandled error dispatching {selectable}",
                                 selectable=selectable)
-                if why:
-                    self._disconnectSelectable(selectable, why, True)
-                continue
-            try:
-                dispatch(selectable, fd, event)
-            except Exception:
-                log.failure("unhandled error dispatching {selectable}", selectable=selectable)
         if self.threadCallQueue or self._newTimedCalls or self._justStopped \
                 or not self.running or not self._started:
             return
@@ -122,8 +137,11 @@ def install(reactor):
             return False
     if getattr(reactor, "_pgcat_fastpoll", False):
         return True
-    global _PLAIN_TCP
+    global _PLAIN_TCP, _ACCEPTED
+    from twisted.internet import tcp
+
     _PLAIN_TCP = _plain_tcp_classes()
+    _ACCEPTED = tcp.Server
     if not hasattr(reactor, "_disconnectSelectable"):
         return False
     reactor.doIteration = types.MethodType(_fast_do_poll, reactor)

@@ -5,7 +5,8 @@ The child relays ping-pong traffic over loopback TCP without pause, so the
 dispatch loop could poll forever without returning to mainLoop. It checks
 that, meanwhile, timed calls still fire on time, calls from another thread
 run, a protocol that raises is logged and disconnected without stopping the
-loop, and reactor.stop() ends it.
+loop, reactor.stop() ends it, and in a poll that reports both kinds of
+connection, outgoing ones (a pooler's servers) are read before accepted ones.
 """
 
 import json
@@ -27,7 +28,7 @@ from twisted.logger import globalLogPublisher
 from pgcat_tw import fastpoll
 
 result = {"installed": fastpoll.install(reactor), "round_trips": 0, "ticks": [],
-          "thread_call": False, "errors_logged": 0, "bad_closed": False}
+          "thread_call": False, "errors_logged": 0, "bad_closed": False, "order": []}
 
 def observe(event):
     if event.get("log_failure") is not None:
@@ -53,6 +54,26 @@ class Bad(protocol.Protocol):
     def connectionLost(self, reason):
         result["bad_closed"] = True
 
+class Recorder(protocol.Protocol):
+    side = None
+    def connectionMade(self):
+        pair[self.side] = self
+    def dataReceived(self, data):
+        result["order"].append(self.side)
+
+class Accepted(Recorder):
+    side = "accepted"
+
+class Outgoing(Recorder):
+    side = "outgoing"
+
+pair = {}
+
+def both_readable():
+    # The accepted side becomes readable first; the next poll reports both.
+    pair["outgoing"].transport.socket.send(b"a")
+    pair["accepted"].transport.socket.send(b"b")
+
 f = protocol.Factory.forProtocol(Echo)
 port = reactor.listenTCP(0, f, interface="127.0.0.1")
 num = port.getHost().port
@@ -72,6 +93,10 @@ def connect(proto):
 reactor.callWhenRunning(connect, Pinger)
 reactor.callLater(0.05, connect, Bad)
 reactor.callLater(0.02, tick)
+port2 = reactor.listenTCP(0, protocol.Factory.forProtocol(Accepted), interface="127.0.0.1")
+reactor.callWhenRunning(lambda: protocol.ClientCreator(reactor, Outgoing).connectTCP(
+    "127.0.0.1", port2.getHost().port))
+reactor.callLater(0.3, both_readable)
 threading.Timer(0.1, reactor.callFromThread, (from_thread,)).start()
 reactor.callLater(0.5, reactor.stop)
 reactor.run()
@@ -101,3 +126,7 @@ class FastPollTests(unittest.TestCase):
         self.assertEqual(r["errors_logged"], 1)
         self.assertTrue(r["bad_closed"])
         self.assertLess(r["elapsed"], 2.0)
+        # Both ends of one connection readable in the same poll: the
+        # outgoing one (a pooler's server) is read first, though its data
+        # arrived second.
+        self.assertEqual(r["order"], ["outgoing", "accepted"])
