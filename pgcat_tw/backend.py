@@ -303,6 +303,14 @@ class ServerConnection(Protocol):
             if data[0] == 69 and client.dying_server(self, data):
                 return
             client.request_chunks = None
+        # Nobody is queued for this server: forward first and scan after,
+        # so the answer reaches the client without waiting for the pooler's
+        # bookkeeping. Otherwise scan first: if the answer ends the
+        # transaction, the server is handed on before it is forwarded.
+        pool = self.pool
+        forwarded = sc.stmts is None and (pool is None or not pool.waiters)
+        if forwarded:
+            self._write_client(self._client_transport, data, self.transport)
         try:
             sc.feed(data)
         except FramingError as e:
@@ -321,6 +329,9 @@ class ServerConnection(Protocol):
             if (client.transaction_mode or client.draining) and sc.tx_status == 73 \
                     and cs.pending <= 0 \
                     and not cs.unsynced and not cs.in_copy and not cs.state:
+                if forwarded:
+                    client.release_server(self)
+                    return
                 write, ct = self._write_client, self._client_transport
                 if client.draining:
                     # The answer first: a draining client is closed with an
@@ -337,7 +348,7 @@ class ServerConnection(Protocol):
                 if data:
                     write(ct, data, None)
                 return
-        if data:
+        if data and not forwarded:
             self._write_client(self._client_transport, data, self.transport)
 
     def _prepared_reply(self, data):

@@ -857,9 +857,16 @@ class ClientProtocol(Protocol):
                     if sparams.get(k) != v:
                         self._sync_params(server)
                         return
+        st = server.transport
+        held = self._held
+        rw = self.rewriter
+        if held and rw is None:
+            # The query first (it is what the server waits for), the
+            # bookkeeping after: nothing can arrive before we return.
+            self._held = []
+            server.writer(st, held[0] if len(held) == 1 else b"".join(held), self.transport)
         self._checking_out = False
         self.server = server
-        st = server.transport
         self._server_transport = st
         self._write_server = server.writer
         # server.bind(), inline (hot path)
@@ -872,8 +879,6 @@ class ClientProtocol(Protocol):
         if self._paused_waiting:
             self._paused_waiting = False
             self.transport.resumeProducing()
-        held = self._held
-        rw = self.rewriter
         if rw is not None:
             stmts = server.stmts
             if stmts is None:
@@ -886,19 +891,12 @@ class ClientProtocol(Protocol):
                 if out:
                     self._write_server(st, out, self.transport)
             return
-        if held:
-            # The held list becomes request_chunks (transaction mode: kept
-            # for a possible re-send), so it is not copied.
-            self._held = []
-            if self.transaction_mode:
-                self.request_chunks = held
-                self._request_bytes = self._held_len
-            self._held_len = 0
-            self._write_server(st, held[0] if len(held) == 1 else b"".join(held),
-                               self.transport)
-        elif self.transaction_mode:
-            self.request_chunks = []
-            self._request_bytes = 0
+        if self.transaction_mode:
+            # The held list (already replaced by a new one above) becomes
+            # request_chunks, kept for a possible re-send: not copied.
+            self.request_chunks = held if held else []
+            self._request_bytes = self._held_len
+        self._held_len = 0
 
     def _sync_params(self, server):
         """SET the tracked parameters whose values differ on ``server``,

@@ -4,7 +4,8 @@ ClientProtocol and ServerConnection from a real pool, on a Clock.
 When a server's last answer chunk arrives and another client is queued, the
 server goes to that client (its held query is sent) before the answer is
 forwarded to the client that is done, and that last write registers no
-producer (the server belongs to somebody else by then)."""
+producer (the server belongs to somebody else by then). With nobody queued,
+the answer goes out first and the bookkeeping follows."""
 
 from twisted.internet import task
 from twisted.internet.testing import StringTransport
@@ -45,8 +46,11 @@ class LoggedTransport(StringTransport):
         self.name = name
         self.log = log
 
+    probe = None  # called at each write; its result is logged too
+
     def write(self, data):
-        self.log.append((self.name, data))
+        self.log.append((self.name, data) if self.probe is None
+                        else (self.name, data, self.probe()))
         StringTransport.write(self, data)
 
 
@@ -102,6 +106,18 @@ class HandOffTests(SynchronousTestCase):
         ans_b = self.answer("b")
         self.server.dataReceived(ans_b)
         self.assertEqual(self.log, [("b", ans_b)])
+        self.assertEqual(list(self.pool.idle), [self.server])
+
+    def test_nobody_queued_answer_goes_out_before_the_release(self):
+        a, _ = self.clients
+        a.dataReceived(m.query("SELECT 'a'"))
+        del self.log[:]
+        a.transport.probe = lambda: a.server is self.server
+        ans = self.answer("a")
+        self.server.dataReceived(ans)
+        # Forwarded while the server was still bound (bookkeeping after).
+        self.assertEqual(self.log, [("a", ans, True)])
+        self.assertIsNone(a.server)
         self.assertEqual(list(self.pool.idle), [self.server])
 
     def test_answer_in_pieces_keeps_the_server_until_the_end(self):
