@@ -408,7 +408,7 @@ class PgcatTwTarget(Target):
     name = "pgcat_tw"
 
     def start(self):
-        twistd = os.path.join(self.args.venv, "bin", "twistd")
+        twistd = os.path.join(os.path.abspath(self.args.venv), "bin", "twistd")
         if not os.path.exists(twistd):
             raise BenchError("no twistd at %s" % twistd)
         d = os.path.join(self.workdir, "pgcat_tw")
