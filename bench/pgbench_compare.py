@@ -389,6 +389,7 @@ class PgBouncerTarget(Target):
             "log_disconnections = 0",
             "log_pooler_errors = 1",
             "stats_period = 3600",
+            "server_round_robin = %d" % int(self.args.server_round_robin),
             "",
         ]))
         self.proc = ServerProcess(
@@ -418,7 +419,8 @@ class PgcatTwTarget(Target):
         with open(toml, "w") as f:
             f.write(PGCAT_TOML.format(port=self.port, pool_size=self.args.pool_size,
                                       pg_port=self.pg.port, user=USER,
-                                      password=PASSWORD, db=DBNAME))
+                                      password=PASSWORD, db=DBNAME,
+                                      round_robin=str(self.args.server_round_robin).lower()))
         env = dict(os.environ)
         # make the repo's twisted/plugins + package importable even when the
         # venv does not have it installed
@@ -439,6 +441,9 @@ port = {port}
 admin_username = "admin"
 admin_password = "admin"
 connect_timeout = 5000
+# Reuse idle servers in the same order as the PgBouncer it is compared with
+# (--server-round-robin: both FIFO; default: both LIFO, PgBouncer's default).
+server_round_robin = {round_robin}
 
 [pools.{db}]
 pool_mode = "transaction"
@@ -667,6 +672,11 @@ def parse_args(argv=None):
                    help="dir with initdb/postgres (default: %(default)s)")
     p.add_argument("--run-as", default="postgres",
                    help="OS user for postgres/pgbouncer when running as root")
+    p.add_argument("--server-round-robin", action="store_true",
+                   help="both poolers reuse idle servers FIFO (PgCat's default); without "
+                        "it both reuse the most recently used one first (PgBouncer's "
+                        "default). One client then lands on one Postgres backend, not "
+                        "on each in turn")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
     p.add_argument("--no-json", action="store_true",
                    help="do not write bench/results/<timestamp>.json")

@@ -735,7 +735,28 @@ class WriterForTests(SynchronousTestCase):
 
     def test_tcp_connection_gets_write_through(self):
         conn, _ = self._connection()
-        self.assertIs(writer_for(conn), write_through)
+        w = writer_for(conn)
+        # write_through itself, as a copy with its own code object (its
+        # own specialization caches) per transport class.
+        self.assertEqual(w.__code__.co_code, write_through.__code__.co_code)
+        self.assertIsNot(w.__code__, write_through.__code__)
+        conn2, _ = self._connection()
+        self.assertIs(writer_for(conn2), w)
+
+    def test_write_through_copy_per_transport_class(self):
+        class Accepted(tcp.Connection):
+            pass
+
+        conn, _ = self._connection()
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        other = Accepted(a, protocol.Protocol(), MemoryReactor())
+        other.connected = 1
+        w1, w2 = writer_for(conn), writer_for(other)
+        self.assertIsNot(w1.__code__, w2.__code__)
+        w2(other, b"ping", None)
+        self.assertEqual(b.recv(10), b"ping")
 
     def test_tls_connection_is_plain(self):
         conn, _ = self._connection()
