@@ -72,7 +72,7 @@ def wait_for_port(port, proc=None, timeout=30.0, host="127.0.0.1"):
 
 
 def _read_stat(pid):
-    """(ppid, utime+stime ticks) from /proc/<pid>/stat, or None if gone."""
+    """(ppid, utime ticks, stime ticks) from /proc/<pid>/stat, or None if gone."""
     try:
         with open("/proc/%d/stat" % pid) as f:
             data = f.read()
@@ -81,12 +81,12 @@ def _read_stat(pid):
     # the command name may contain spaces/parens: split after the last ')'
     fields = data[data.rindex(")") + 2:].split()
     # fields[0] is stat field 3 (state); ppid is 4, utime/stime are 14/15
-    return int(fields[1]), int(fields[11]) + int(fields[12])
+    return int(fields[1]), int(fields[11]), int(fields[12])
 
 
-def proc_cpu_seconds(pid):
-    """CPU seconds (user+system, all threads) of ``pid`` plus any live
-    descendants, in case the pooler runs worker processes."""
+def proc_cpu_times(pid):
+    """(user, system) CPU seconds, all threads, of ``pid`` plus any live
+    descendants (in case the pooler runs worker processes), or None."""
     stats = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -96,14 +96,22 @@ def proc_cpu_seconds(pid):
     if pid not in stats:
         return None
     children = {}
-    for p, (ppid, _) in stats.items():
-        children.setdefault(ppid, []).append(p)
-    total, todo = 0, [pid]
+    for p, st in stats.items():
+        children.setdefault(st[0], []).append(p)
+    user = system = 0
+    todo = [pid]
     while todo:
         p = todo.pop()
-        total += stats[p][1]
+        user += stats[p][1]
+        system += stats[p][2]
         todo.extend(children.get(p, ()))
-    return total / CLK_TCK
+    return user / CLK_TCK, system / CLK_TCK
+
+
+def proc_cpu_seconds(pid):
+    """User + system CPU seconds of ``pid`` and its descendants, or None."""
+    t = proc_cpu_times(pid)
+    return None if t is None else t[0] + t[1]
 
 
 def tail(path, n=30):
@@ -314,8 +322,9 @@ class Target:
     def alive(self):
         return self.proc is None or self.proc.poll() is None
 
-    def cpu_seconds(self):
-        return proc_cpu_seconds(self.pid) if self.pid else None
+    def cpu_times(self):
+        """(user, system) CPU seconds of the pooler, or None."""
+        return proc_cpu_times(self.pid) if self.pid else None
 
     def describe_failure(self):
         if self.proc:
@@ -350,7 +359,7 @@ class DirectTarget(Target):
     def stop(self):
         pass  # Postgres is stopped separately
 
-    def cpu_seconds(self):
+    def cpu_times(self):
         return None
 
 
@@ -517,7 +526,7 @@ def run_pgbench(target, mode, clients, duration):
             else DBNAME]
     env = dict(os.environ, PGPASSWORD=PASSWORD)
     sys.stdout.flush()
-    cpu0 = target.cpu_seconds()
+    cpu0 = target.cpu_times()
     t0 = time.monotonic()
     try:
         res = subprocess.run(argv, env=env, capture_output=True, text=True,
@@ -526,16 +535,20 @@ def run_pgbench(target, mode, clients, duration):
     except subprocess.TimeoutExpired as e:
         out, rc = "timeout: %s" % e, -1
     wall = time.monotonic() - t0
-    cpu1 = target.cpu_seconds() if target.alive() else None
+    cpu1 = target.cpu_times() if target.alive() else None
     r = parse_pgbench(out)
     r.update(target=target.name, mode=mode, clients=clients, rc=rc,
              wall_s=round(wall, 3))
+    r["cpu_s"] = r["cpu_s_per_1k"] = r["usr_us_per_txn"] = r["sys_us_per_txn"] = None
     if cpu0 is not None and cpu1 is not None:
-        r["cpu_s"] = round(cpu1 - cpu0, 3)
-        r["cpu_s_per_1k"] = (r["cpu_s"] / r["processed"] * 1000
-                             if r["processed"] else None)
-    else:
-        r["cpu_s"] = r["cpu_s_per_1k"] = None
+        user, system = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
+        r["cpu_s"] = round(user + system, 3)
+        if r["processed"]:
+            r["cpu_s_per_1k"] = r["cpu_s"] / r["processed"] * 1000
+            # Where the pooler's time goes: its own code (user) or the
+            # kernel's socket and poll work on its behalf (system).
+            r["usr_us_per_txn"] = user / r["processed"] * 1e6
+            r["sys_us_per_txn"] = system / r["processed"] * 1e6
     if rc != 0 or r["tps"] is None:
         r["error"] = out.strip()[-2000:]
         r["tps"] = None if rc != 0 else r["tps"]
@@ -562,6 +575,8 @@ def summarize(runs, modes, clients_list, target_names):
                     "tps": median(r["tps"] for r in ok),
                     "latency_us": lat * 1000 if lat is not None else None,
                     "cpu_s_per_1k": median(r["cpu_s_per_1k"] for r in ok),
+                    "usr_us_per_txn": median(r.get("usr_us_per_txn") for r in ok),
+                    "sys_us_per_txn": median(r.get("sys_us_per_txn") for r in ok),
                     "failed": median(r["failed"] for r in rs),
                 })
     return summary
@@ -619,10 +634,11 @@ def fmt(v, spec):
 def render(summary, comps):
     rows = [[s["mode"], str(s["clients"]), s["target"], fmt(s["tps"], ".0f"),
              fmt(s["latency_us"], ".0f"), fmt(s["cpu_s_per_1k"], ".4f"),
+             fmt(s.get("usr_us_per_txn"), ".1f"), fmt(s.get("sys_us_per_txn"), ".1f"),
              fmt(s["failed"], "g")]
             for s in summary]
     text = rst_table(["mode", "clients", "target", "tps", "lat_us",
-                      "cpu_s/1k_txn", "failed"], rows)
+                      "cpu_s/1k_txn", "usr_us/txn", "sys_us/txn", "failed"], rows)
     if comps:
         crow = [[c["mode"], str(c["clients"]), "pgcat_tw/pgbouncer",
                  fmt(c["tps_ratio"], ".3f"), fmt(c["cpu_per_txn_ratio"], ".3f"),
