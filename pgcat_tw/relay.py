@@ -542,6 +542,8 @@ def monomorphic_copy(func):
     at every alternation and falls back to generic attribute lookups. A
     copy per class keeps every site monomorphic. Same behaviour, same
     source: only the caches are separate."""
+    if type(func) is not types.FunctionType:
+        return func  # compiled (no bytecode, nothing to specialize)
     return types.FunctionType(func.__code__.replace(), func.__globals__, func.__name__,
                               func.__defaults__, func.__closure__)
 

@@ -743,6 +743,11 @@ class WriterForTests(SynchronousTestCase):
         conn2, _ = self._connection()
         self.assertIs(writer_for(conn2), w)
 
+    def test_monomorphic_copy_leaves_builtins_alone(self):
+        from pgcat_tw.relay import monomorphic_copy
+
+        self.assertIs(monomorphic_copy(len), len)
+
     def test_write_through_copy_per_transport_class(self):
         class Accepted(tcp.Connection):
             pass
