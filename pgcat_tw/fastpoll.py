@@ -94,36 +94,23 @@ def _fast_do_poll(self, timeout):
                     continue
                 cls = selectable.__class__
                 if event == EPOLLIN and cls in plain:
+                    if several and cls is accepted:
+                        if later is None:
+                            later = [(fd, event)]
+                        else:
+                            later.append((fd, event))
+                        continue
                     # The common case: data to read on a TCP connection. The
                     # same steps as _doReadOrWrite -> tcp.Connection.doRead ->
-                    # _dataReceived, without their generic checks and frames;
-                    # written twice on purpose, once per connection class
-                    # (clients accepted, servers connected to), so that each
-                    # copy's attribute and call sites see one class and stay
-                    # specialized (see relay.monomorphic_copy).
+                    # _dataReceived, without their generic checks and frames.
                     try:
-                        if cls is accepted:
-                            if several:
-                                if later is None:
-                                    later = [(fd, event)]
-                                else:
-                                    later.append((fd, event))
-                                continue
-                            try:
-                                data = selectable.socket.recv(bufsize)
-                            except OSError as se:
-                                why = None if se.args[0] in _AGAIN else CONNECTION_LOST
-                            else:
-                                why = selectable.protocol.dataReceived(data) if data \
-                                    else CONNECTION_DONE
+                        try:
+                            data = selectable.socket.recv(bufsize)
+                        except OSError as se:
+                            why = None if se.args[0] in _AGAIN else CONNECTION_LOST
                         else:
-                            try:
-                                data = selectable.socket.recv(bufsize)
-                            except OSError as se:
-                                why = None if se.args[0] in _AGAIN else CONNECTION_LOST
-                            else:
-                                why = selectable.protocol.dataReceived(data) if data \
-                                    else CONNECTION_DONE
+                            why = selectable.protocol.dataReceived(data) if data \
+                                else CONNECTION_DONE
                     except BaseException:
                         why = sys.exc_info()[1]
                         log.failure("unhandled error reading from {selectable}",

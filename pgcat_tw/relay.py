@@ -349,14 +349,12 @@ class ServerScanner(Scanner):
         unpack = _unpack_header
         while pos + 5 <= n:
             t, ln = unpack(data, pos)
+            if ln < 4:  # (no maximum for a server's messages)
+                self._bad_length(t, ln)
             w = want[t]
             if not w:
-                if ln < 4:  # (no maximum for a server's messages)
-                    self._bad_length(t, ln)
                 pos += ln + 1
                 continue
-            if ln < 4:
-                self._bad_length(t, ln)
             hend = pos + 5
             end = pos + 1 + ln
             if hend < end <= n:
