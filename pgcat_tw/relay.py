@@ -23,6 +23,7 @@ arrives and ``ClientScanner.idle`` is true.
 """
 
 import errno
+import os
 import types
 
 from pgcat_tw.prepared import (
@@ -123,6 +124,16 @@ _PARSE_DONE = codes.B_PARSE_COMPLETE
 _BIND_DONE = codes.B_BIND_COMPLETE
 _CLOSE_DONE = codes.B_CLOSE_COMPLETE
 
+# ClientScanner.feed's branch per message type (its inline loop): one list
+# lookup instead of a chain of type comparisons. _A_OTHER: on_message.
+_A_INVALID, _A_SKIP, _A_UNSYNCED, _A_SYNC, _A_EXEC, _A_QUERY, _A_PARSE, _A_OTHER = range(-1, 7)
+_CLIENT_ACTION = [_A_INVALID] * 256
+for _t, _a in {"B": _A_UNSYNCED, "D": _A_UNSYNCED, "C": _A_UNSYNCED, "S": _A_SYNC,
+               "E": _A_EXEC, "Q": _A_QUERY, "P": _A_PARSE, "X": _A_OTHER, "F": _A_OTHER,
+               "c": _A_OTHER, "f": _A_OTHER, "d": _A_SKIP, "H": _A_SKIP}.items():
+    _CLIENT_ACTION[ord(_t)] = _a
+del _t, _a
+
 CLIENT_WANT = want_table(
     {
         "Q": 1, "S": 1, "E": 1, "P": 1, "X": 1, "F": 1, "c": 1, "f": 1,
@@ -171,7 +182,8 @@ class ClientScanner(Scanner):
     def feed(self, data):
         """Scanner.feed with the common messages handled inline (one Python
         call per chunk instead of one per message: on the hot path every
-        call costs far more than in a warm micro-benchmark). Anything not
+        call costs far more than in a warm micro-benchmark). One table
+        lookup (``_CLIENT_ACTION``) picks a message's branch; anything not
         plain (a split header or a peek across chunks, Parse without its
         first body byte, a rare type) goes through the generic machinery
         and ``on_message``, with the same effect."""
@@ -181,48 +193,47 @@ class ClientScanner(Scanner):
             pos = self._resume(data, n)
             if pos < 0:
                 return
-        want = self.want
+        action = _CLIENT_ACTION
         max_len = self.max_len
-        while True:
-            hend = pos + 5
-            if hend > n:
-                break
+        last = n - 5  # the last position a whole header can start at
+        while pos <= last:
             t, ln = _unpack_header(data, pos)
             if ln < 4 or ln > max_len:
                 self._bad_length(t, ln)
-            end = pos + 1 + ln
-            w = want[t]
-            if w:
-                if w < 0:
-                    self._bad_type(t)
-                if t == _Q:
+            a = action[t]
+            if a == _A_UNSYNCED:
+                self.unsynced = True
+            elif a == _A_SYNC:
+                if not self.in_copy_ext:
                     self.pending += 1
-                    self.queries += 1
-                    self.last_extended = False
-                elif t == _SYNC:
-                    if not self.in_copy_ext:
-                        self.pending += 1
-                        self.since_exec += 1
-                        self.unsynced = False
-                elif t == _EXEC:
-                    self.unsynced = True
-                    self.last_extended = True
-                    self.since_exec = 0
-                    self.queries += 1
-                elif t == _BIND or t == _DESCRIBE:
-                    self.unsynced = True
-                elif t == _PARSE and hend < end and hend < n:
-                    self.unsynced = True
-                    if data[hend] != 0:
-                        self.named_parse = True
-                elif hend < n or end == hend:
+                    self.since_exec += 1
+                    self.unsynced = False
+            elif a == _A_EXEC:
+                self.unsynced = True
+                self.last_extended = True
+                self.since_exec = 0
+                self.queries += 1
+            elif a == _A_QUERY:
+                self.pending += 1
+                self.queries += 1
+                self.last_extended = False
+            elif a == _A_PARSE and pos + 5 < n and ln > 4:
+                self.unsynced = True
+                if data[pos + 5]:
+                    self.named_parse = True
+            elif a:
+                if a < 0:
+                    self._bad_type(t)
+                hend = pos + 5
+                end = hend + ln - 4
+                if hend < n or end == hend:
                     self.on_message(t, data, hend, hend + 1 if end > hend else end)
                 else:
                     self._start_peek(t, data, hend, n, 1, end - hend - 1)
                     return
-            pos = end
+            pos += ln + 1
         if pos < n:
-            if want[data[pos]] < 0:
+            if self.want[data[pos]] < 0:
                 self._bad_type(data[pos])
             self._head = data[pos:]
             self.state = _HEAD
@@ -471,11 +482,13 @@ def _fast_capable(transport):
         and hasattr(transport, "_tempDataBuffer")
         and hasattr(transport, "dataBuffer")
         and hasattr(transport, "socket")
+        and callable(getattr(transport, "fileno", None))
         and not getattr(transport, "TLS", False)
     )
 
 
 _AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS, errno.EINTR)
+_write = os.write
 
 
 def write_through(transport, data, peer):
@@ -487,7 +500,9 @@ def write_through(transport, data, peer):
     if not (transport.dataBuffer or transport._tempDataBuffer) and transport.connected \
             and not transport.disconnecting:
         try:
-            sent = transport.socket.send(data)
+            # send(2) without flags is write(2); os.write parses its
+            # arguments faster than socket.send.
+            sent = _write(transport.fileno(), data)
         except OSError as e:
             if e.errno not in _AGAIN:
                 # Let Twisted discover and report the failure its own way.

@@ -2,6 +2,7 @@
 bookkeeping and the write-through helper."""
 
 import errno
+import os
 import socket
 import struct
 
@@ -12,6 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from pgcat_tw.errors import ProtocolViolation
 from pgcat_tw.protocol import codes
 from pgcat_tw.protocol import messages as m
+from pgcat_tw import relay
 from pgcat_tw.protocol.framing import FramingError
 from pgcat_tw.relay import (
     TRACKED_PARAMETERS,
@@ -541,9 +543,12 @@ class FakeSocket:
 
 
 class FakeTCPTransport:
-    """Stand-in with the attributes write_through relies on."""
+    """Stand-in with the attributes write_through relies on. Its
+    ``fileno()`` is a key that WriteThroughTests' stand-in for ``os.write``
+    maps back to the fake socket."""
 
     def __init__(self, sock):
+        self.fileno = lambda: id(sock)
         self.dataBuffer = b""
         self._tempDataBuffer = []
         self.connected = True
@@ -583,6 +588,32 @@ class FakePeer:
 
 class WriteThroughTests(SynchronousTestCase):
     DATA = b"Q\x00\x00\x00\x0dSELECT 1\x00" * 10
+
+    def setUp(self):
+        # write_through sends with os.write(transport.fileno(), data): route
+        # that to the fake socket, which can take part of the data or fail.
+        sockets = {}
+        real_init = FakeTCPTransport.__init__
+
+        def init(transport, sock):
+            real_init(transport, sock)
+            sockets[id(sock)] = sock
+
+        self.patch(FakeTCPTransport, "__init__", init)
+        self.patch(relay, "_write", lambda fd, data: sockets[fd].send(data))
+
+    def test_real_socket(self):
+        """The unpatched path: os.write on a connected socket's descriptor."""
+        self.patch(relay, "_write", os.write)
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        a.setblocking(False)
+        t = FakeTCPTransport(a)
+        t.fileno = a.fileno
+        write_through(t, self.DATA, None)
+        self.assertEqual(b.recv(65536), self.DATA)
+        self.assertEqual(t.written, [])
 
     def test_direct_send_when_empty(self):
         for peer in (None, FakePeer()):
