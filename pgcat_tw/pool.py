@@ -155,7 +155,8 @@ class ConnectionPool:
         waiters.append(w)
         if self._timer is None:
             self._timer = self.reactor.callLater(self.connect_timeout, self._expire)
-        if len(waiters) > self.connecting and \
+        # (Under load every server is busy: the first test ends it.)
+        if len(self.busy) < self.pool_size and len(waiters) > self.connecting and \
                 len(self.idle) + len(self.busy) + self.connecting < self.pool_size:
             self._maybe_connect()
         return w
@@ -178,14 +179,15 @@ class ConnectionPool:
         if used:
             conn.last_used = self.reactor.seconds()
         waiters = self.waiters
-        if self.server_lifetime and conn.last_used - conn.created_at >= self.server_lifetime \
-                and not waiters:
+        if waiters:
+            # A server past server_lifetime still serves a waiting client:
+            # it is retired when it comes back with nobody queued.
+            waiters.popleft().ok(conn)  # stays in busy
+            return
+        if self.server_lifetime and conn.last_used - conn.created_at >= self.server_lifetime:
             busy.discard(conn)
             conn.close()
             self._maybe_connect()
-            return
-        if waiters:
-            waiters.popleft().ok(conn)  # stays in busy
             return
         busy.discard(conn)
         self.idle.append(conn)
