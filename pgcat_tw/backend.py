@@ -308,7 +308,8 @@ class ServerConnection(Protocol):
         # bookkeeping. Otherwise scan first: if the answer ends the
         # transaction, the server is handed on before it is forwarded.
         pool = self.pool
-        forwarded = sc.stmts is None and (pool is None or not pool.waiters)
+        stmts = sc.stmts
+        forwarded = stmts is None and (pool is None or not pool.waiters)
         if forwarded:
             self._write_client(self._client_transport, data, self.transport)
         try:
@@ -318,7 +319,7 @@ class ServerConnection(Protocol):
                       port=self.port, e=e)
             self.close()
             return
-        if sc.stmts is not None:
+        if stmts is not None:
             data = self._prepared_reply(data)
         if sc.rfq:
             sc.rfq = False

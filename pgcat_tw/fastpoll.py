@@ -92,9 +92,7 @@ def _fast_do_poll(self, timeout):
         while batch:
             for fd, event in batch:
                 selectable = get(fd)
-                if selectable is None:
-                    continue
-                cls = selectable.__class__
+                cls = selectable.__class__  # (NoneType, not in plain, when gone)
                 if event == EPOLLIN and cls in plain:
                     if several and cls is accepted:
                         if later is None:
@@ -121,6 +119,8 @@ def _fast_do_poll(self, timeout):
                                     selectable=selectable)
                     if why:
                         self._disconnectSelectable(selectable, why, True)
+                    continue
+                if selectable is None:
                     continue
                 try:
                     dispatch(selectable, fd, event)

@@ -652,7 +652,7 @@ class ClientProtocol(Protocol):
         if st is not None:
             # One whole command-shaped simple Query (an anchored probe, no
             # allocation) that the pooler may answer itself.
-            if self.transaction_mode and sc.pending == 1 and data[0] == 81 \
+            if data[0] == 81 and self.transaction_mode and sc.pending == 1 \
                     and _MAYBE_COMMAND.match(data, 5) is not None \
                     and len(data) == 1 + _LEN.unpack_from(data, 1)[0] \
                     and self.server.scanner.at_boundary and self._sql_command(data, True):
@@ -674,7 +674,7 @@ class ClientProtocol(Protocol):
             if sc.copy_ended:
                 self._after_copy_end()
             return
-        if not self._checking_out and sc.pending == 1 and not self._held and data[0] == 81 \
+        if data[0] == 81 and not self._checking_out and sc.pending == 1 and not self._held \
                 and _MAYBE_COMMAND.match(data, 5) is not None \
                 and len(data) == 1 + _LEN.unpack_from(data, 1)[0]:
             # One whole simple Query between transactions that may be ours.

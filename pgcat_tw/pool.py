@@ -176,14 +176,15 @@ class ConnectionPool:
             busy.discard(conn)
             conn.close()
             return
-        if used:
-            conn.last_used = self.reactor.seconds()
         waiters = self.waiters
         if waiters:
             # A server past server_lifetime still serves a waiting client:
-            # it is retired when it comes back with nobody queued.
+            # it is retired when it comes back with nobody queued. (Its
+            # last_used, read only while it is idle, is set then too.)
             waiters.popleft().ok(conn)  # stays in busy
             return
+        if used:
+            conn.last_used = self.reactor.seconds()
         if self.server_lifetime and conn.last_used - conn.created_at >= self.server_lifetime:
             busy.discard(conn)
             conn.close()

@@ -358,7 +358,9 @@ class ServerScanner(Scanner):
                 return
         want = self.want
         unpack = _unpack_header
-        while pos + 5 <= n:
+        plain = self.stmts is None
+        last = n - 5  # the last position a whole header can start at
+        while pos <= last:
             t, ln = unpack(data, pos)
             if ln < 4:  # (no maximum for a server's messages)
                 self._bad_length(t, ln)
@@ -370,7 +372,7 @@ class ServerScanner(Scanner):
             end = pos + 1 + ln
             if hend < end <= n:
                 # The whole message is in this chunk (the usual case).
-                if t == _Z and self.stmts is None:
+                if t == _Z and plain:
                     self.tx_status = data[hend]
                     self.rfq = True
                     client = self.client

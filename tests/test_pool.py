@@ -422,11 +422,17 @@ class ReleaseTests(PoolTestBase):
         self.acquire()
         conn = self.connector.succeed()
         w = self.acquire()
+        before = conn.last_used
         self.clock.advance(0.3)
         pool.release(conn)
         self.assertIs(w.value, conn)
         self.assertIn(conn, pool.busy)
         self.assertEqual(len(pool.idle), 0)
+        # last_used (read only while idle) is set when it goes idle.
+        self.assertEqual(conn.last_used, before)
+        self.clock.advance(0.2)
+        pool.release(conn)
+        self.assertEqual(pool.idle[-1], conn)
         self.assertEqual(conn.last_used, self.clock.seconds())
         self.no_timers()
 
