@@ -6,7 +6,9 @@
 #   SUDO                      "" when root, "sudo" otherwise
 #   pg_bindir                 prints the PostgreSQL server bin dir (empty if none)
 #   ensure_postgres           installs PostgreSQL server + psql + pgbench via apt if missing
-#   ensure_venv               creates .venv and installs the project ('.[test]', not editable)
+#   ensure_venv               creates .venv (from venv_python) and installs the project
+#                             ('.[test]', not editable)
+#   venv_python               prints the interpreter .venv is made from
 #   as_pg_user CMD...         runs CMD as the `postgres` system user when root
 #   free_port [PREFERRED]     prints PREFERRED if free on 127.0.0.1, else a free port
 
@@ -84,8 +86,25 @@ ensure_postgres() {
 }
 
 ensure_python() {
-    if ! command -v python3 >/dev/null 2>&1; then
+    if ! command -v python3 >/dev/null 2>&1 && [ -z "${PGCAT_PYTHON:-}" ]; then
         apt_install python3 python3-venv
+    fi
+}
+
+# The interpreter .venv is made from: $PGCAT_PYTHON if set, else the
+# distribution's /usr/bin/python3 (3.10 or newer), else python3 on PATH.
+# Debian builds CPython with profile-guided and link-time optimization and
+# links libpython into the executable; a default pyenv or source build
+# (--enable-shared, no PGO) ran the pooler's per-transaction Python code
+# about 10% slower here (bench/README.rst, "Interpreter").
+venv_python() {
+    if [ -n "${PGCAT_PYTHON:-}" ]; then
+        echo "$PGCAT_PYTHON"
+    elif [ -x /usr/bin/python3 ] \
+         && /usr/bin/python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+        echo /usr/bin/python3
+    else
+        command -v python3
     fi
 }
 
@@ -94,13 +113,15 @@ ensure_venv() {
     if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import sys' >/dev/null 2>&1 \
        || [ ! -x "$VENV/bin/pip" ]; then
         rm -rf "$VENV"
-        _log "creating $VENV"
-        if ! python3 -m venv "$VENV" >/dev/null 2>&1; then
+        local py
+        py="$(venv_python)"
+        _log "creating $VENV with $py"
+        if ! "$py" -m venv "$VENV" >/dev/null 2>&1; then
             rm -rf "$VENV"
             local pyver
-            pyver="$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+            pyver="$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
             apt_install python3-venv "python${pyver}-venv" || apt_install python3-venv
-            python3 -m venv "$VENV"
+            "$py" -m venv "$VENV"
         fi
     fi
     # Make the repository's own `tests` package importable by .venv/bin/trial
