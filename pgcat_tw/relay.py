@@ -134,6 +134,10 @@ for _t, _a in {"B": _A_UNSYNCED, "D": _A_UNSYNCED, "C": _A_UNSYNCED, "S": _A_SYN
     _CLIENT_ACTION[ord(_t)] = _a
 del _t, _a
 
+# Describe (portal ""), Execute (portal "", all rows), Sync.
+_DES_TAIL = b"D\x00\x00\x00\x06P\x00" b"E\x00\x00\x00\x09\x00\x00\x00\x00\x00" b"S\x00\x00\x00\x04"
+_DES_LEN = len(_DES_TAIL)
+
 CLIENT_WANT = want_table(
     {
         "Q": 1, "S": 1, "E": 1, "P": 1, "X": 1, "F": 1, "c": 1, "f": 1,
@@ -141,6 +145,9 @@ CLIENT_WANT = want_table(
     },
     default=INVALID,
 )
+
+# ParseComplete, BindComplete.
+_PARSE_BIND_DONE = b"1\x00\x00\x00\x042\x00\x00\x00\x04"
 
 SERVER_WANT = want_table({"Z": 1, "S": 0x7FFFFFFF, "C": 16, "G": 1, "E": 1})
 # With prepared statements: also the acknowledgements (ParseComplete,
@@ -196,42 +203,70 @@ class ClientScanner(Scanner):
         action = _CLIENT_ACTION
         max_len = self.max_len
         last = n - 5  # the last position a whole header can start at
-        while pos <= last:
-            t, ln = _unpack_header(data, pos)
-            if ln < 4 or ln > max_len:
-                self._bad_length(t, ln)
-            a = action[t]
-            if a == _A_UNSYNCED:
-                self.unsynced = True
-            elif a == _A_SYNC:
-                if not self.in_copy_ext:
+        # The usual end of an extended-protocol request (libpq, psycopg,
+        # JDBC, pgbench): Describe portal, Execute all rows, Sync. When the
+        # chunk ends with those 22 bytes, walk only the messages before
+        # them; if the walk lands exactly there, they are those three
+        # messages (applied at once below), else they were the inside of a
+        # longer message and the walk goes on as usual.
+        tail = -1
+        if n >= _DES_LEN and data[-1] == 4 and data.endswith(_DES_TAIL) and max_len >= 9:
+            tail = n - _DES_LEN
+            last = tail - 1
+        while True:
+            while pos <= last:
+                t, ln = _unpack_header(data, pos)
+                if ln < 4 or ln > max_len:
+                    self._bad_length(t, ln)
+                a = action[t]
+                if a == _A_UNSYNCED:
+                    self.unsynced = True
+                elif a == _A_SYNC:
+                    if not self.in_copy_ext:
+                        self.pending += 1
+                        self.since_exec += 1
+                        self.unsynced = False
+                elif a == _A_EXEC:
+                    self.unsynced = True
+                    self.last_extended = True
+                    self.since_exec = 0
+                    self.queries += 1
+                elif a == _A_QUERY:
                     self.pending += 1
-                    self.since_exec += 1
-                    self.unsynced = False
-            elif a == _A_EXEC:
-                self.unsynced = True
-                self.last_extended = True
-                self.since_exec = 0
-                self.queries += 1
-            elif a == _A_QUERY:
-                self.pending += 1
-                self.queries += 1
-                self.last_extended = False
-            elif a == _A_PARSE and pos + 5 < n and ln > 4:
-                self.unsynced = True
-                if data[pos + 5]:
-                    self.named_parse = True
-            elif a:
-                if a < 0:
-                    self._bad_type(t)
-                hend = pos + 5
-                end = hend + ln - 4
-                if hend < n or end == hend:
-                    self.on_message(t, data, hend, hend + 1 if end > hend else end)
+                    self.queries += 1
+                    self.last_extended = False
+                elif a == _A_PARSE and pos + 5 < n and ln > 4:
+                    self.unsynced = True
+                    if data[pos + 5]:
+                        self.named_parse = True
+                elif a:
+                    if a < 0:
+                        self._bad_type(t)
+                    hend = pos + 5
+                    end = hend + ln - 4
+                    if hend < n or end == hend:
+                        self.on_message(t, data, hend, hend + 1 if end > hend else end)
+                    else:
+                        self._start_peek(t, data, hend, n, 1, end - hend - 1)
+                        return
+                pos += ln + 1
+            if tail >= 0:
+                if pos == tail:
+                    self.last_extended = True
+                    self.queries += 1
+                    if self.in_copy_ext:  # (the server ignores this Sync)
+                        self.unsynced = True
+                        self.since_exec = 0
+                    else:
+                        self.pending += 1
+                        self.since_exec = 1
+                        self.unsynced = False
+                    pos = n
                 else:
-                    self._start_peek(t, data, hend, n, 1, end - hend - 1)
-                    return
-            pos += ln + 1
+                    tail = -1
+                    last = n - 5
+                    continue
+            break
         if pos < n:
             if self.want[data[pos]] < 0:
                 self._bad_type(data[pos])
@@ -360,6 +395,10 @@ class ServerScanner(Scanner):
         unpack = _unpack_header
         plain = self.stmts is None
         last = n - 5  # the last position a whole header can start at
+        if plain and data.startswith(_PARSE_BIND_DONE, pos):
+            # How the answer to an extended-protocol request starts; both
+            # are messages nobody looks into without statement tracking.
+            pos += 10
         while pos <= last:
             t, ln = unpack(data, pos)
             if ln < 4:  # (no maximum for a server's messages)

@@ -288,6 +288,53 @@ class ClientScannerTests(SynchronousTestCase):
             sc.feed(big[:3])
             sc.feed(big[3:])
 
+    # Describe portal + Execute + Sync ending a chunk: feed() applies the
+    # three at once when the walk lands on them (see ClientScanner.feed).
+    DES = describe() + execute() + SYNC
+
+    @staticmethod
+    def state(sc):
+        return (sc.pending, sc.unsynced, sc.since_exec, sc.last_extended, sc.queries,
+                sc.named_parse, sc.in_copy_ext, sc.at_boundary)
+
+    def fed(self, chunks, **attrs):
+        sc = ClientScanner(1 << 20)
+        for k, v in attrs.items():
+            setattr(sc, k, v)
+        for chunk in chunks:
+            sc.feed(chunk)
+        return self.state(sc)
+
+    def test_describe_execute_sync_tail_same_as_one_by_one(self):
+        self.assertEqual(len(self.DES), 22)
+        for data in (extended(), extended("SELECT 1", b"s1"), extended() + extended(),
+                     m.query("SELECT 1") + extended(), bind() + self.DES, self.DES,
+                     extended() + FLUSH + self.DES):
+            whole = self.fed([data])
+            by_byte = self.fed([data[i:i + 1] for i in range(len(data))])
+            self.assertEqual(whole, by_byte, data)
+            for attrs in ({"in_copy_ext": True, "in_copy": True}, {"since_exec": 3}):
+                self.assertEqual(self.fed([data], **attrs),
+                                 self.fed([data[i:i + 1] for i in range(len(data))], **attrs),
+                                 (data, attrs))
+        self.assertEqual(self.fed([extended() + extended()])[:3], (2, False, 1))
+
+    def test_tail_bytes_inside_a_message_are_not_messages(self):
+        # The 22 bytes end a Bind's body: one unsynced Bind, no Sync.
+        data = parse("SELECT 1") + raw(b"B", b"\x00\x00" + self.DES)
+        self.assertTrue(data.endswith(self.DES))
+        self.assertEqual(self.fed([data])[:2], (0, True))
+        self.assertEqual(self.fed([data]), self.fed([data[i:i + 1] for i in range(len(data))]))
+        # ... or straddle a message boundary.
+        data = raw(b"B", b"\x00" + self.DES[:10]) + self.DES[10:]
+        with self.assertRaises(FramingError):
+            ClientScanner(1 << 20).feed(data)  # the rest is not a valid message
+
+    def test_tail_respects_max_len(self):
+        sc = ClientScanner(8)  # Execute's length (9) is over it
+        with self.assertRaises(FramingError):
+            sc.feed(bind() + self.DES)
+
     def test_partial_message_not_idle(self):
         sc = self.sc
         q = m.query("SELECT 1")
@@ -325,6 +372,28 @@ class ServerScannerTests(SynchronousTestCase):
         ss.feed(b"I")
         self.assertEqual(c.pending, 0)
         self.assertEqual(ss.tx_status, codes.TX_IDLE)
+
+    def test_extended_answer(self):
+        # ParseComplete + BindComplete first: skipped at once (no tracking).
+        c, ss = self.client, self.ss
+        c.feed(extended("SET x.y = 1"))
+        answer = (raw(b"1", b"") + raw(b"2", b"") + raw(b"n", b"")
+                  + m.command_complete("SET") + m.ready_for_query(b"I"))
+        ss.feed(answer)
+        self.assertEqual(c.pending, 0)
+        self.assertTrue(ss.rfq)
+        self.assertTrue(ss.dirty)  # the tag after them was seen
+        self.assertEqual(ss.tx_status, codes.TX_IDLE)
+        self.assertTrue(ss.at_boundary)
+        # Split right after the two: the rest still scans.
+        ss2 = ServerScanner()
+        ss2.client = c
+        c.feed(extended())
+        ss2.feed(answer[:10])
+        self.assertEqual(c.pending, 1)
+        ss2.feed(answer[10:])
+        self.assertEqual(c.pending, 0)
+        self.assertTrue(ss2.dirty)
 
     def test_pipelined_sync_points(self):
         c, ss = self.client, self.ss
