@@ -120,8 +120,20 @@ ensure_venv() {
             rm -rf "$VENV"
             local pyver
             pyver="$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
-            apt_install python3-venv "python${pyver}-venv" || apt_install python3-venv
-            "$py" -m venv "$VENV"
+            if { apt_install python3-venv "python${pyver}-venv" || apt_install python3-venv; } \
+               && "$py" -m venv "$VENV"; then
+                :
+            elif [ -z "${PGCAT_PYTHON:-}" ] && [ "$py" != "$(command -v python3)" ]; then
+                # No venv module for the distribution's interpreter and no
+                # apt to add it: the python3 on PATH, as before.
+                rm -rf "$VENV"
+                py="$(command -v python3)"
+                _log "creating $VENV with $py instead"
+                "$py" -m venv "$VENV"
+            else
+                _log "cannot create a venv with $py"
+                return 1
+            fi
         fi
     fi
     # Make the repository's own `tests` package importable by .venv/bin/trial
