@@ -112,8 +112,6 @@ _TERM = codes.F_TERMINATE
 _FCALL = codes.F_FUNCTION_CALL
 _CDONE = codes.F_COPY_DONE
 _CFAIL = codes.F_COPY_FAIL
-_BIND = codes.F_BIND
-_DESCRIBE = codes.F_DESCRIBE
 
 _Z = codes.B_READY_FOR_QUERY
 _PSTATUS = codes.B_PARAMETER_STATUS
@@ -138,16 +136,13 @@ del _t, _a
 _DES_TAIL = b"D\x00\x00\x00\x06P\x00" b"E\x00\x00\x00\x09\x00\x00\x00\x00\x00" b"S\x00\x00\x00\x04"
 _DES_LEN = len(_DES_TAIL)
 
-CLIENT_WANT = want_table(
-    {
-        "Q": 1, "S": 1, "E": 1, "P": 1, "X": 1, "F": 1, "c": 1, "f": 1,
-        "B": 1, "D": 1, "C": 1, "d": SKIP, "H": SKIP,
-    },
-    default=INVALID,
-)
+# The generic machinery's table (split headers, peeks): the same types.
+CLIENT_WANT = [INVALID if a == _A_INVALID else SKIP if a == _A_SKIP else 1
+               for a in _CLIENT_ACTION]
 
 # ParseComplete, BindComplete.
 _PARSE_BIND_DONE = b"1\x00\x00\x00\x042\x00\x00\x00\x04"
+_PARSE_BIND_LEN = len(_PARSE_BIND_DONE)
 
 SERVER_WANT = want_table({"Z": 1, "S": 0x7FFFFFFF, "C": 16, "G": 1, "E": 1})
 # With prepared statements: also the acknowledgements (ParseComplete,
@@ -398,7 +393,7 @@ class ServerScanner(Scanner):
         if plain and data.startswith(_PARSE_BIND_DONE, pos):
             # How the answer to an extended-protocol request starts; both
             # are messages nobody looks into without statement tracking.
-            pos += 10
+            pos += _PARSE_BIND_LEN
         while pos <= last:
             t, ln = unpack(data, pos)
             if ln < 4:  # (no maximum for a server's messages)
