@@ -96,7 +96,7 @@ ensure_python() {
 # Debian builds CPython with profile-guided and link-time optimization and
 # links libpython into the executable; a default pyenv or source build
 # (--enable-shared, no PGO) ran the pooler's per-transaction Python code
-# about 10% slower here (bench/README.rst, "Interpreter").
+# about 15% slower here (bench/README.rst, "Interpreter").
 venv_python() {
     if [ -n "${PGCAT_PYTHON:-}" ]; then
         echo "$PGCAT_PYTHON"
