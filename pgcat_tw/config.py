@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, fields
 from typing import Any, Callable
@@ -100,13 +101,17 @@ class FrozenMap(Mapping):
         return f"FrozenMap({self._items!r})"
 
 
+# dataclass(slots=True) is Python 3.10+; PyPy (Debian's pypy3) is 3.9.
+_SLOTS = {"slots": True} if sys.version_info >= (3, 10) else {}
+
+
 # ---------------------------------------------------------------------------
 # Data model.  Field defaults are the configuration defaults; a field without
 # a default that appears in a spec below is a required key.
 # ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **_SLOTS)
 class ServerAddress:
     host: str
     port: int
@@ -114,7 +119,7 @@ class ServerAddress:
     index: int  # position in the shard's servers list
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **_SLOTS)
 class Shard:
     index: int
     database: str
@@ -123,7 +128,7 @@ class Shard:
     mirrors: tuple[tuple[str, int, int], ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **_SLOTS)
 class User:
     key: str
     username: str
@@ -140,7 +145,7 @@ class User:
     server_lifetime: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **_SLOTS)
 class Pool:
     name: str
     users: tuple[User, ...]
@@ -197,7 +202,7 @@ class Pool:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **_SLOTS)
 class General:
     admin_username: str
     admin_password: str
@@ -250,7 +255,7 @@ class General:
     ban_probe_interval: int = 1000
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **_SLOTS)
 class Config:
     path: str
     general: General
@@ -272,7 +277,7 @@ class Config:
         return pool.plugins if pool.plugins is not None else self.plugins
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **_SLOTS)
 class UserSettings:
     pool_mode: str
     connect_timeout: int
@@ -283,7 +288,7 @@ class UserSettings:
     min_pool_size: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **_SLOTS)
 class ConfigDiff:
     general_changed: tuple[str, ...] = ()
     pools_added: tuple[str, ...] = ()

@@ -31,7 +31,13 @@ import os
 import re
 from collections import OrderedDict
 
-from scramp.utils import ScramException, h, hi, saslprep, xor
+from scramp import ScramException
+from scramp.utils import h, hi, xor
+
+try:
+    from scramp.utils import saslprep
+except ImportError:  # scramp < 1.5 (the newest on Python 3.9, e.g. PyPy 3.9)
+    from scramp.core import saslprep
 from scramp.utils import hmac as _hmac
 
 from pgcat_tw.auth.md5 import is_md5_secret
