@@ -10,12 +10,23 @@ that matters: an exception escaping dispatch is logged, not fatal. Reads on
 plain TCP connections are done inline, and the loop polls again without
 going back to mainLoop while no timed call, thread call or stop is due.
 
+How a read gets its bytes depends on the interpreter (``install``'s
+``read_into``). CPython: ``os.read(fd, bufferSize)``, which allocates a 64 KiB
+``bytes`` and shrinks it in place to what arrived. PyPy: the same call puts a
+fresh 64 KiB string in the GC nursery per read, which filled it every few
+transactions (about 1,100 minor collections a second at 8,000 tps); there
+the socket reads into one preallocated buffer and only the bytes received are
+copied out (``recv_into`` and ``memoryview.tobytes``), which halved the
+pooler's user CPU per transaction. On CPython that path measured slightly
+slower, so it stays off there.
+
 It touches reactor internals, so it checks for them and does nothing (returns
 False) on any other reactor or Twisted layout. Only service/tap code calls it.
 """
 
 import errno
 import os
+import platform
 import select
 import sys
 import types
@@ -30,6 +41,8 @@ _PLAIN_TCP = frozenset()
 _ACCEPTED = None  # twisted.internet.tcp.Server: connections accepted by a port
 _BUFSIZE = 65536  # their (class attribute) bufferSize, read once at install
 _AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR)
+_INTO = None  # read_into: the one receive buffer (a bytearray of _BUFSIZE)
+_INTO_VIEW = None  # ... and a memoryview of it
 
 
 def _plain_tcp_classes():
@@ -75,6 +88,8 @@ def _fast_do_poll(self, timeout):
     EPOLLIN = _EPOLLIN
     bufsize = _BUFSIZE
     read = os.read  # recv(2) without flags: the same as read(2) on a socket
+    into = _INTO
+    view = _INTO_VIEW
     while True:
         try:
             batch = poll(timeout, len(selectables))
@@ -107,7 +122,11 @@ def _fast_do_poll(self, timeout):
                     # parses its arguments the slow way).
                     try:
                         try:
-                            data = read(fd, bufsize)
+                            if into is None:
+                                data = read(fd, bufsize)
+                            else:
+                                # (Copied out before anything else reads.)
+                                data = view[:selectable.socket.recv_into(into)].tobytes()
                         except OSError as se:
                             why = None if se.args[0] in _AGAIN else CONNECTION_LOST
                         else:
@@ -142,8 +161,10 @@ def _fast_do_poll(self, timeout):
             timeout = -1
 
 
-def install(reactor):
-    """Use the lean dispatch loop on an EPollReactor; False if not applicable."""
+def install(reactor, read_into=None):
+    """Use the lean dispatch loop on an EPollReactor; False if not applicable.
+    ``read_into``: read into one reused buffer (see the module's docstring);
+    None: only on PyPy."""
     try:
         from twisted.internet.epollreactor import EPollReactor
     except ImportError:  # pragma: no cover - not Linux
@@ -156,12 +177,17 @@ def install(reactor):
             return False
     if getattr(reactor, "_pgcat_fastpoll", False):
         return True
-    global _PLAIN_TCP, _ACCEPTED, _BUFSIZE
+    global _PLAIN_TCP, _ACCEPTED, _BUFSIZE, _INTO, _INTO_VIEW
     from twisted.internet import tcp
 
     _PLAIN_TCP = _plain_tcp_classes()
     _ACCEPTED = tcp.Server
     _BUFSIZE = tcp.Connection.bufferSize
+    if read_into is None:
+        read_into = platform.python_implementation() == "PyPy"
+    if read_into:
+        _INTO = bytearray(_BUFSIZE)
+        _INTO_VIEW = memoryview(_INTO)
     if not hasattr(reactor, "_disconnectSelectable"):
         return False
     reactor.doIteration = types.MethodType(_fast_do_poll, reactor)

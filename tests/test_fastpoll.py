@@ -27,8 +27,11 @@ from twisted.internet import reactor, protocol
 from twisted.logger import globalLogPublisher
 from pgcat_tw import fastpoll
 
-result = {"installed": fastpoll.install(reactor), "round_trips": 0, "ticks": [],
-          "thread_call": False, "errors_logged": 0, "bad_closed": False, "order": []}
+import os
+read_into = {"": None, "0": False, "1": True}[os.environ.get("FASTPOLL_READ_INTO", "")]
+result = {"installed": fastpoll.install(reactor, read_into=read_into), "round_trips": 0,
+          "ticks": [], "thread_call": False, "errors_logged": 0, "bad_closed": False,
+          "order": [], "read_into": fastpoll._INTO is not None, "bulk": None}
 
 def observe(event):
     if event.get("log_failure") is not None:
@@ -69,6 +72,25 @@ class Outgoing(Recorder):
 
 pair = {}
 
+# 1 MiB in many chunks, every chunk kept: with the reused receive buffer,
+# a chunk that were a view of it would be overwritten by the next read.
+BULK = bytes(range(256)) * 4096
+
+class BulkSender(protocol.Protocol):
+    def connectionMade(self):
+        self.transport.write(BULK)
+        self.transport.loseConnection()
+
+class BulkReceiver(protocol.Protocol):
+    def connectionMade(self):
+        self.chunks = []
+    def dataReceived(self, data):
+        self.chunks.append(data)
+    def connectionLost(self, reason):
+        result["bulk"] = {"intact": b"".join(self.chunks) == BULK,
+                          "all_bytes": all(type(c) is bytes for c in self.chunks),
+                          "chunks": len(self.chunks)}
+
 def both_readable():
     # The accepted side becomes readable first; the next poll reports both.
     pair["outgoing"].transport.socket.send(b"a")
@@ -97,6 +119,9 @@ port2 = reactor.listenTCP(0, protocol.Factory.forProtocol(Accepted), interface="
 reactor.callWhenRunning(lambda: protocol.ClientCreator(reactor, Outgoing).connectTCP(
     "127.0.0.1", port2.getHost().port))
 reactor.callLater(0.3, both_readable)
+port3 = reactor.listenTCP(0, protocol.Factory.forProtocol(BulkSender), interface="127.0.0.1")
+reactor.callWhenRunning(lambda: protocol.ClientCreator(reactor, BulkReceiver).connectTCP(
+    "127.0.0.1", port3.getHost().port))
 threading.Timer(0.1, reactor.callFromThread, (from_thread,)).start()
 reactor.callLater(0.5, reactor.stop)
 reactor.run()
@@ -106,14 +131,25 @@ print(json.dumps(result))
 
 
 class FastPollTests(unittest.TestCase):
+    # Both ways of reading (fastpoll's read_into), whatever the interpreter
+    # running the suite: os.read (CPython's default) and the reused buffer
+    # (PyPy's).
+    read_into = "0"
+
     @defer.inlineCallbacks
     def test_busy_loop_still_serves_timers_threads_and_stop(self):
-        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                   FASTPOLL_READ_INTO=self.read_into)
         out, err, code = yield utils.getProcessOutputAndValue(
             sys.executable, ["-c", CHILD], env=env)
         self.assertEqual(code, 0, err.decode(errors="replace"))
         r = json.loads(out.decode().strip().splitlines()[-1])
         self.assertTrue(r["installed"])
+        self.assertEqual(r["read_into"], self.read_into == "1")
+        # A bulk transfer arrives whole, as bytes, in several reads.
+        self.assertEqual(r["bulk"], {"intact": True, "all_bytes": True,
+                                     "chunks": r["bulk"]["chunks"]})
+        self.assertGreater(r["bulk"]["chunks"], 1)
         # Traffic flowed without pause through the inline read path ...
         self.assertGreater(r["round_trips"], 500)
         # ... and the timer chain still ran at its pace (10 ticks, 20 ms
@@ -130,3 +166,7 @@ class FastPollTests(unittest.TestCase):
         # outgoing one (a pooler's server) is read first, though its data
         # arrived second.
         self.assertEqual(r["order"], ["outgoing", "accepted"])
+
+
+class FastPollReadIntoTests(FastPollTests):
+    read_into = "1"
