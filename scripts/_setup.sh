@@ -9,11 +9,15 @@
 #   ensure_venv               creates .venv (from venv_python) and installs the project
 #                             ('.[test]', not editable)
 #   venv_python               prints the interpreter .venv is made from
+#   ensure_pypy               finds PyPy ($PGCAT_PYPY, else pypy3 on PATH, else Debian's
+#                             pypy3 via apt) and exports PGCAT_PYPY
+#   ensure_pypy_venv          creates .venv-pypy with PyPy and installs the project ('.')
 #   as_pg_user CMD...         runs CMD as the `postgres` system user when root
 #   free_port [PREFERRED]     prints PREFERRED if free on 127.0.0.1, else a free port
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$REPO_ROOT/.venv"
+PYPY_VENV="$REPO_ROOT/.venv-pypy"
 PG_SYSTEM_USER="${PGHARNESS_USER:-postgres}"
 
 if [ "$(id -u)" -eq 0 ]; then
@@ -145,6 +149,37 @@ ensure_venv() {
     _log "pip install '.[test]'"
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
     (cd "$REPO_ROOT" && "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check '.[test]')
+}
+
+# PyPy runs the pooler's Python code in about half the CPU time (bench/
+# README.rst, "Interpreter"). Debian's pypy3 is PyPy 7.3 (Python 3.9).
+ensure_pypy() {
+    if [ -n "${PGCAT_PYPY:-}" ]; then
+        export PGCAT_PYPY
+        return 0
+    fi
+    if ! command -v pypy3 >/dev/null 2>&1; then
+        apt_install pypy3 pypy3-venv || return 1
+    fi
+    PGCAT_PYPY="$(command -v pypy3)"
+    if ! "$PGCAT_PYPY" -c 'import venv, ensurepip' >/dev/null 2>&1; then
+        apt_install pypy3-venv || return 1
+    fi
+    export PGCAT_PYPY
+}
+
+ensure_pypy_venv() {
+    ensure_pypy || return 1
+    if [ ! -x "$PYPY_VENV/bin/python" ] || ! "$PYPY_VENV/bin/python" -c 'import sys' >/dev/null 2>&1; then
+        rm -rf "$PYPY_VENV"
+        _log "creating $PYPY_VENV with $PGCAT_PYPY"
+        "$PGCAT_PYPY" -m venv "$PYPY_VENV"
+    fi
+    # cryptography as a wheel: PyPI's newest for PyPy 3.9 is 43.x, and its
+    # source build needs Rust crates from the network.
+    _log "pip install '.' (PyPy)"
+    (cd "$REPO_ROOT" && "$PYPY_VENV/bin/python" -m pip install --quiet \
+        --disable-pip-version-check --only-binary cryptography .)
 }
 
 as_pg_user() {

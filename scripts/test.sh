@@ -14,6 +14,9 @@ cd "$REPO_ROOT"
 
 ensure_postgres
 ensure_venv
+# tests/test_pypy.py runs the pooler on PyPy: here a missing PyPy is a failure.
+ensure_pypy
+export PGCAT_REQUIRE_PYPY=1
 
 if [ "$#" -eq 0 ]; then
     set -- tests

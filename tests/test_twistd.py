@@ -101,7 +101,9 @@ def _run(args, timeout, what, **kw):
     return proc
 
 
-def _build_venv():
+def _build_venv(python=None, pip_args=()):
+    """A venv made with ``python`` (default: the interpreter this one was
+    made from) with the project installed from a copy of the working tree."""
     base = tempfile.mkdtemp(prefix="pgcat_tw_venv_")
     atexit.register(shutil.rmtree, base, True)
     src = os.path.join(base, "src")
@@ -114,9 +116,10 @@ def _build_venv():
             shutil.copy2(path, os.path.join(src, item))
     venv = os.path.join(base, "venv")
     env = install_env()
-    _run([base_python(), "-m", "venv", venv], 120, "python -m venv", env=env, cwd=base)
-    _run([os.path.join(venv, "bin", "python"), "-m", "pip", "install", "--quiet", src],
-         INSTALL_TIMEOUT, "pip install (not editable)", env=env, cwd=base)
+    _run([python or base_python(), "-m", "venv", venv], 120, "python -m venv", env=env,
+         cwd=base)
+    _run([os.path.join(venv, "bin", "python"), "-m", "pip", "install", "--quiet", *pip_args,
+          src], INSTALL_TIMEOUT, "pip install (not editable)", env=env, cwd=base)
     return venv
 
 
