@@ -37,7 +37,10 @@ USER = "bench"
 PASSWORD = "bench"
 DBNAME = "bench"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-ALL_TARGETS = ("direct", "pgbouncer", "pgcat_tw")
+ALL_TARGETS = ("direct", "pgbouncer", "pgcat_tw", "pgcat_tw_pypy")
+# pgcat_tw targets, each compared with PgBouncer: the --venv one and the
+# --pypy-venv one (bench/README.rst, "Interpreter").
+PGCAT_TARGETS = ("pgcat_tw", "pgcat_tw_pypy")
 
 
 def log(msg):
@@ -417,11 +420,14 @@ class PgBouncerTarget(Target):
 class PgcatTwTarget(Target):
     name = "pgcat_tw"
 
+    def venv(self):
+        return self.args.venv
+
     def start(self):
-        twistd = os.path.join(os.path.abspath(self.args.venv), "bin", "twistd")
+        twistd = os.path.join(os.path.abspath(self.venv()), "bin", "twistd")
         if not os.path.exists(twistd):
             raise BenchError("no twistd at %s" % twistd)
-        d = os.path.join(self.workdir, "pgcat_tw")
+        d = os.path.join(self.workdir, self.name)
         os.mkdir(d)
         self.port = free_port()
         toml = os.path.join(d, "pgcat.toml")
@@ -436,13 +442,21 @@ class PgcatTwTarget(Target):
         env["PYTHONPATH"] = os.pathsep.join(
             [REPO_DIR] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         self.proc = ServerProcess(
-            "pgcat_tw", [twistd, "-n", "--pidfile=", "pgcat", "-c", toml],
+            self.name, [twistd, "-n", "--pidfile=", "pgcat", "-c", toml],
             os.path.join(d, "twistd.log"), env=env, cwd=d)
         if not wait_for_port(self.port, self.proc.popen, timeout=30):
             raise BenchError("pgcat_tw did not start\n" + self.describe_failure())
-        log("pgcat_tw (pid %d) on port %d" % (self.pid, self.port))
+        log("%s (pid %d) on port %d" % (self.name, self.pid, self.port))
         self.interpreter = pooler_interpreter(self.pid)
-        log("pgcat_tw runs on %s" % self.interpreter)
+        log("%s runs on %s" % (self.name, self.interpreter))
+
+
+class PgcatTwPyPyTarget(PgcatTwTarget):
+    """pgcat_tw, the same code, run by the PyPy venv's twistd."""
+    name = "pgcat_tw_pypy"
+
+    def venv(self):
+        return self.args.pypy_venv
 
 
 def pooler_interpreter(pid):
@@ -499,7 +513,8 @@ database = "{db}"
 servers = [["127.0.0.1", {pg_port}, "primary"]]
 """
 
-TARGET_CLASSES = {c.name: c for c in (DirectTarget, PgBouncerTarget, PgcatTwTarget)}
+TARGET_CLASSES = {c.name: c for c in (DirectTarget, PgBouncerTarget, PgcatTwTarget,
+                                      PgcatTwPyPyTarget)}
 
 
 # ---------------------------------------------------------------------------
@@ -538,7 +553,7 @@ def run_pgbench(target, mode, clients, duration):
     argv = ["pgbench", "-n", "-S", "-M", pgbench_mode(target, mode), "-c", str(clients),
             "-j", str(min(clients, 2)), "-T", str(duration),
             "-h", target.host, "-p", str(target.port), "-U", USER,
-            DBNAME + "_prepared" if (mode == "prepared" and target.name == "pgcat_tw")
+            DBNAME + "_prepared" if (mode == "prepared" and target.name in PGCAT_TARGETS)
             else DBNAME]
     env = dict(os.environ, PGPASSWORD=PASSWORD)
     sys.stdout.flush()
@@ -598,7 +613,14 @@ def summarize(runs, modes, clients_list, target_names):
     return summary
 
 
-def comparisons(summary, a="pgcat_tw", b="pgbouncer"):
+def comparisons(summary, b="pgbouncer"):
+    out = []
+    for a in PGCAT_TARGETS:
+        out += _comparisons(summary, a, b)
+    return out
+
+
+def _comparisons(summary, a, b):
     out = []
     idx = {(s["mode"], s["clients"], s["target"]): s for s in summary}
     keys = []
@@ -617,7 +639,7 @@ def comparisons(summary, a="pgcat_tw", b="pgbouncer"):
         diff = (sa["latency_us"] - sb["latency_us"]
                 if sa["latency_us"] is not None and sb["latency_us"] is not None
                 else None)
-        out.append({"mode": mode, "clients": clients,
+        out.append({"mode": mode, "clients": clients, "compare": "%s/%s" % (a, b),
                     "tps_ratio": ratio("tps"),
                     "cpu_per_txn_ratio": ratio("cpu_s_per_1k"),
                     "latency_diff_us": diff})
@@ -656,7 +678,7 @@ def render(summary, comps):
     text = rst_table(["mode", "clients", "target", "tps", "lat_us",
                       "cpu_s/1k_txn", "usr_us/txn", "sys_us/txn", "failed"], rows)
     if comps:
-        crow = [[c["mode"], str(c["clients"]), "pgcat_tw/pgbouncer",
+        crow = [[c["mode"], str(c["clients"]), c["compare"],
                  fmt(c["tps_ratio"], ".3f"), fmt(c["cpu_per_txn_ratio"], ".3f"),
                  fmt(c["latency_diff_us"], "+.0f")]
                 for c in comps]
@@ -680,14 +702,20 @@ def default_venv():
     return local if os.path.exists(os.path.join(local, "bin", "twistd")) else "/work/venv"
 
 
+def has_twistd(venv):
+    return os.path.exists(os.path.join(venv, "bin", "twistd"))
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--clients", type=csv_list(int), default=[1, 64],
                    help="comma-separated pgbench client counts (default: 1,64)")
     p.add_argument("--modes", type=csv_list(), default=["simple", "extended", "prepared"],
-                   help="comma-separated pgbench -M modes (default: simple,extended)")
-    p.add_argument("--targets", type=csv_list(), default=list(ALL_TARGETS),
-                   help="comma-separated subset of %s" % ",".join(ALL_TARGETS))
+                   help="comma-separated pgbench -M modes (default: "
+                        "simple,extended,prepared)")
+    p.add_argument("--targets", type=csv_list(), default=None,
+                   help="comma-separated subset of %s (default: all; pgcat_tw_pypy "
+                        "when --pypy-venv has bin/twistd)" % ",".join(ALL_TARGETS))
     p.add_argument("--duration", type=int, default=10, help="seconds per pgbench run")
     p.add_argument("--rounds", type=int, default=3,
                    help="interleaved rounds; medians are reported (default: 3)")
@@ -695,9 +723,13 @@ def parse_args(argv=None):
                    help="server connections per pool, both poolers (default: 4)")
     p.add_argument("--scale", type=int, default=10, help="pgbench -i scale")
     p.add_argument("--warmup", type=int, default=2,
-                   help="seconds of untimed pgbench per target first (0 = off)")
+                   help="seconds of untimed pgbench first, per target, mode and the "
+                        "most and fewest clients (0 = off)")
     p.add_argument("--venv", default=default_venv(),
                    help="venv whose bin/twistd runs pgcat_tw (default: %(default)s)")
+    p.add_argument("--pypy-venv", default=os.path.join(REPO_DIR, ".venv-pypy"),
+                   help="venv whose bin/twistd runs pgcat_tw_pypy (default: %(default)s, "
+                        "made by scripts/pypy-venv.sh)")
     p.add_argument("--pgbouncer", default=shutil.which("pgbouncer") or "/usr/sbin/pgbouncer",
                    help="pgbouncer binary (default: %(default)s)")
     p.add_argument("--pg-bin", default=find_pg_bin(),
@@ -713,6 +745,9 @@ def parse_args(argv=None):
     p.add_argument("--no-json", action="store_true",
                    help="do not write bench/results/<timestamp>.json")
     args = p.parse_args(argv)
+    if args.targets is None:
+        args.targets = [t for t in ALL_TARGETS
+                        if t != "pgcat_tw_pypy" or has_twistd(args.pypy_venv)]
     bad = [t for t in args.targets if t not in ALL_TARGETS]
     if bad:
         p.error("unknown target(s) %s; choose from %s" % (bad, ",".join(ALL_TARGETS)))
@@ -751,9 +786,14 @@ def main(argv=None):
             t.check()
 
         if args.warmup > 0:
+            # Every mode at the most and the fewest clients: PyPy's JIT
+            # compiles each path the first time it runs hot.
             for t in targets:
-                log("warmup %s (%ds)" % (t.name, args.warmup))
-                run_pgbench(t, args.modes[0], max(args.clients), args.warmup)
+                for mode in args.modes:
+                    for clients in sorted({max(args.clients), min(args.clients)},
+                                          reverse=True):
+                        log("warmup %s %s c=%d (%ds)" % (t.name, mode, clients, args.warmup))
+                        run_pgbench(t, mode, clients, args.warmup)
 
         runs = []
         combos = [(m, c) for m in args.modes for c in args.clients]
@@ -782,10 +822,11 @@ def main(argv=None):
         text = render(summary, comps)
         print("pgbench -S: medians of %d round(s) x %ds, pool_size=%d, scale=%d"
               % (args.rounds, args.duration, args.pool_size, args.scale))
-        interpreter = next((getattr(t, "interpreter", None) for t in targets
-                            if t.name == "pgcat_tw"), None)
-        if interpreter:
-            print("pgcat_tw on %s" % interpreter)
+        interpreters = {t.name: t.interpreter for t in targets
+                        if getattr(t, "interpreter", None)}
+        for name, interp in interpreters.items():
+            print("%s on %s" % (name, interp))
+        interpreter = interpreters.get("pgcat_tw")
         print(text)
 
         if not args.no_json:
@@ -798,7 +839,8 @@ def main(argv=None):
                     "timestamp": stamp,
                     "host": {"node": platform.node(), "cpus": os.cpu_count(),
                              "python": platform.python_version(),
-                             "pgcat_tw_interpreter": interpreter},
+                             "pgcat_tw_interpreter": interpreter,
+                             "interpreters": interpreters},
                     "config": cfg,
                     "summary": summary,
                     "comparisons": comps,
