@@ -24,9 +24,9 @@ import threading
 import time
 
 import psycopg
-from twisted.trial import unittest
 from twisted.trial.unittest import FailTest, SkipTest
 
+from tests.certs import CertSet
 from tests.pgharness import USERS, topology
 from tests.support import PGBENCH, in_thread
 from tests.test_twistd import (
@@ -176,6 +176,24 @@ class PyPyPoolerTests(TwistdTestCase):
             # the transaction's start), not in the one left open above.
             code, out, err = psql(port, "select now() = statement_timestamp()")
             self.assertEqual((code, out), (0, "t"), err)
+            self.assert_no_traceback(child.output())
+
+        return in_thread(run)
+
+    def test_tls_towards_clients(self):
+        """TLS terminated by the PyPy pooler (pyOpenSSL on PyPy): a client
+        that verifies the certificate gets an encrypted session that works."""
+        def run():
+            certs = CertSet(os.path.join(self.tmp, "certs"))
+            child, port = self._start(pool_size=1, general=certs.general_toml())
+            dsn = (f"host=127.0.0.1 port={port} user=pgcat_md5 password={PASSWORD} "
+                   f"dbname=pgcat_test sslmode=verify-full sslrootcert={certs.ca} "
+                   "connect_timeout=10")
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                self.assertTrue(conn.pgconn.ssl_in_use)
+                self.assertEqual(conn.execute("SELECT 40 + 2").fetchone()[0], 42)
+                n = conn.execute("SELECT count(*) FROM generate_series(1, 50000)").fetchone()
+                self.assertEqual(n[0], 50000)
             self.assert_no_traceback(child.output())
 
         return in_thread(run)
