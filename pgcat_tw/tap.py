@@ -1,5 +1,7 @@
 """twistd plugin glue: ``twistd [-n] pgcat -c pgcat.toml``."""
 
+import sys
+
 from twisted.python import usage
 
 from pgcat_tw.config import ConfigError, load
@@ -26,8 +28,24 @@ class Options(usage.Options):
             raise usage.UsageError(f"{self['config']}: general: {e}")
 
 
+def _line_buffered_stderr():
+    """When the daemon fails to start (e.g. its port is in use), twistd's
+    parent process writes the error to ``sys.__stderr__`` and leaves with
+    ``os._exit``, which flushes nothing. CPython's stderr is line-buffered
+    even when it is a file or a pipe; PyPy 3.9's is not, and there the
+    message was lost. Line buffering makes it reach the caller on both."""
+    err = sys.__stderr__
+    try:
+        if err is not None and not err.line_buffering:
+            err.reconfigure(line_buffering=True)
+    except (AttributeError, ValueError, OSError):
+        pass
+
+
 def makeService(options):
     from twisted.internet import reactor
+
+    _line_buffered_stderr()
 
     from pgcat_tw.service import PgCatService
 

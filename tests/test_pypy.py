@@ -29,14 +29,8 @@ from twisted.trial.unittest import FailTest, SkipTest
 from tests.certs import CertSet
 from tests.pgharness import USERS, topology
 from tests.support import PGBENCH, in_thread
-from tests.test_twistd import (
-    INSTALL_TIMEOUT,
-    REPO,
-    TwistdTestCase,
-    _build_venv,
-    child_env,
-    psql,
-)
+from tests import test_twistd
+from tests.test_twistd import INSTALL_TIMEOUT, REPO, _build_venv, child_env, psql
 
 PASSWORD = USERS["pgcat_md5"]
 PYPY = os.environ.get("PGCAT_PYPY") or shutil.which("pypy3")
@@ -73,7 +67,9 @@ def pypy_venv():
 PGBENCH_SCRIPT = "\\set n random(1, 100000)\nSELECT :n + 1;\n"
 
 
-class PyPyPoolerTests(TwistdTestCase):
+class PyPyVenvMixin:
+    """A TwistdTestCase whose twistd is the PyPy venv's."""
+
     timeout = INSTALL_TIMEOUT + 240
 
     def _prepare(self):
@@ -87,6 +83,26 @@ class PyPyPoolerTests(TwistdTestCase):
         self.primary = topology().primary
         self.tmp = tempfile.mkdtemp(prefix="pgcat_tw_pypy_")
         self.addCleanup(shutil.rmtree, self.tmp, True)
+
+
+# test_twistd's process-level tests with the PyPy twistd (the module, not
+# its classes, is imported: trial would run imported classes here again).
+
+class PyPyForegroundTests(PyPyVenvMixin, test_twistd.PluginInstallTests):
+    """The plugin is found in the PyPy venv; foreground query and SIGTERM."""
+
+
+class PyPyDaemonTests(PyPyVenvMixin, test_twistd.DaemonTests):
+    """twistd's own daemon mode, --pidfile and --logfile, on PyPy."""
+
+
+class PyPyReloadTests(PyPyVenvMixin, test_twistd.ReloadTests):
+    """SIGHUP on PyPy: a broken file keeps the running config, a good one
+    takes effect."""
+
+
+class PyPyPoolerTests(PyPyVenvMixin, test_twistd.TwistdTestCase):
+    """Real clients through the PyPy pooler."""
 
     def _start(self, **kw):
         config, port = self.write_config(**kw)
