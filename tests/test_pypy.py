@@ -30,7 +30,7 @@ from tests.certs import CertSet
 from tests.pgharness import USERS, topology
 from tests.support import PGBENCH, in_thread
 from tests import test_twistd
-from tests.test_twistd import INSTALL_TIMEOUT, REPO, _build_venv, child_env, psql
+from tests.test_twistd import INSTALL_TIMEOUT, REPO, child_env, psql
 
 PASSWORD = USERS["pgcat_md5"]
 PYPY = os.environ.get("PGCAT_PYPY") or shutil.which("pypy3")
@@ -45,23 +45,9 @@ UNIT_MODULES = ("tests.test_framing", "tests.test_relay", "tests.test_pool",
                 "tests.test_fastpoll", "tests.test_handoff", "tests.test_balancer",
                 "tests.test_config", "tests.test_auth")
 
-_lock = threading.Lock()
-_result = {}
-
-
 def pypy_venv():
     """The PyPy venv, built on first use and cached (as is a failure)."""
-    with _lock:
-        if "venv" in _result:
-            return _result["venv"]
-        if "error" in _result:
-            raise RuntimeError(f"building the PyPy venv failed earlier: {_result['error']}")
-        try:
-            _result["venv"] = _build_venv(PYPY, PIP_ARGS)
-        except Exception as e:
-            _result["error"] = e
-            raise
-        return _result["venv"]
+    return test_twistd.installed_venv(PYPY, PIP_ARGS)
 
 
 PGBENCH_SCRIPT = "\\set n random(1, 100000)\nSELECT :n + 1;\n"

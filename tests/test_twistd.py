@@ -124,23 +124,26 @@ def _build_venv(python=None, pip_args=()):
 
 
 _venv_lock = threading.Lock()
-_venv_result = {}
+_venv_results = {}
 
 
-def installed_venv():
-    """Path of a venv with the project installed from a copy of the working
-    tree; built on first call, then cached (as is a failure)."""
+def installed_venv(python=None, pip_args=()):
+    """Path of a venv (made with ``python``, default: the interpreter this
+    one was made from) with the project installed from a copy of the working
+    tree; built on first call per interpreter, then cached (as is a
+    failure)."""
     with _venv_lock:
-        if "venv" in _venv_result:
-            return _venv_result["venv"]
-        if "error" in _venv_result:
-            raise RuntimeError(f"building the test venv failed earlier: {_venv_result['error']}")
+        result = _venv_results.setdefault(python, {})
+        if "venv" in result:
+            return result["venv"]
+        if "error" in result:
+            raise RuntimeError(f"building the test venv failed earlier: {result['error']}")
         try:
-            _venv_result["venv"] = _build_venv()
+            result["venv"] = _build_venv(python, pip_args)
         except Exception as e:
-            _venv_result["error"] = e
+            result["error"] = e
             raise
-        return _venv_result["venv"]
+        return result["venv"]
 
 
 # --- child processes ---------------------------------------------------------------
