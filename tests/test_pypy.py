@@ -19,7 +19,6 @@ command, and CI's) installs Debian's ``pypy3`` when missing and sets
 import os
 import shutil
 import subprocess
-import tempfile
 import threading
 import time
 
@@ -27,7 +26,7 @@ import psycopg
 from twisted.trial.unittest import FailTest, SkipTest
 
 from tests.certs import CertSet
-from tests.pgharness import USERS, topology
+from tests.pgharness import USERS
 from tests.support import PGBENCH, in_thread
 from tests import test_twistd
 from tests.test_twistd import INSTALL_TIMEOUT, REPO, child_env, psql
@@ -58,17 +57,13 @@ class PyPyVenvMixin:
 
     timeout = INSTALL_TIMEOUT + 240
 
-    def _prepare(self):
+    def make_venv(self):
         if not PYPY:
             why = "no PyPy: set PGCAT_PYPY or install pypy3 (scripts/test.sh does)"
             if os.environ.get("PGCAT_REQUIRE_PYPY"):
                 raise FailTest(why)
             raise SkipTest(why)
-        self.venv = pypy_venv()
-        self.twistd = os.path.join(self.venv, "bin", "twistd")
-        self.primary = topology().primary
-        self.tmp = tempfile.mkdtemp(prefix="pgcat_tw_pypy_")
-        self.addCleanup(shutil.rmtree, self.tmp, True)
+        return pypy_venv()
 
 
 # test_twistd's process-level tests with the PyPy twistd (the module, not

@@ -251,8 +251,12 @@ class TwistdTestCase(unittest.TestCase):
         d = in_thread(self._prepare)
         return d
 
+    def make_venv(self):
+        """The venv whose twistd the test runs (a subclass may pick another)."""
+        return installed_venv()
+
     def _prepare(self):
-        self.venv = installed_venv()
+        self.venv = self.make_venv()
         self.twistd = os.path.join(self.venv, "bin", "twistd")
         self.primary = topology().primary
         self.tmp = tempfile.mkdtemp(prefix="pgcat_tw_twistd_")
