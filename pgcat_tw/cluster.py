@@ -179,7 +179,9 @@ class UserPool:
                     raise last
             tried.append(pool)
             try:
-                conn = yield pool.acquire()
+                # A login waits for one transaction's turn at most, not
+                # behind every queued client (pool.acquire's ``urgent``).
+                conn = yield pool.acquire(urgent=True)
             except ServerConnectionFailed as e:
                 last = e
                 self.server_failed(pool, e)

@@ -607,7 +607,7 @@ class ClientProtocol(Protocol):
         """Apply startup values on a server once to validate them and learn
         the server's spelling (``utf8`` -> ``UTF8``)."""
         pool = self.user_pool.server_pool()
-        conn = yield pool.acquire()
+        conn = yield pool.acquire(urgent=True)
         try:
             results = yield conn.run([set_parameter_sql(k, v) for k, v in items],
                                      timeout=RESET_TIMEOUT)
@@ -764,6 +764,9 @@ class ClientProtocol(Protocol):
         the next candidate; an exhausted pool bans nobody (its error says
         so)."""
         self._checking_out = True
+        # The wait begins now; a move to another address keeps this place
+        # (pool.requeue).
+        self._waiter.since = self.reactor.seconds()
         up = self.user_pool
         if up.closed:
             # The configuration was reloaded: use the pool in force now.
@@ -799,7 +802,7 @@ class ClientProtocol(Protocol):
             return
         w = self._waiter
         self._waiting = (pool, w)
-        pool.enqueue(w)
+        pool.requeue(w)
 
     def _health_checked(self, results, server):
         self.user_pool.note_role(server)

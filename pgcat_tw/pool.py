@@ -3,7 +3,16 @@
 ``acquire()`` returns an idle connection synchronously when there is one,
 otherwise a Deferred that fires with a connection (or fails with PoolTimeout
 after connect_timeout, or ServerConnectionFailed when a connect attempt made
-for it failed). Waiters are served FIFO. ``release()`` takes back a clean
+for it failed).
+
+Waiting is first come, first served: the queue is ordered by the time each
+wait began (``Waiter.since``), whoever the client is and whatever it will do
+with the server (a client whose parameters differ pays for the SET after it
+is handed the server; it keeps its turn). Nobody takes an idle connection
+while somebody waits. A client moved from another address (a ban, a failed
+health check) keeps its place (``requeue``). Login-time needs (``urgent``:
+the greeting's parameters) go before the work queue, so a login waits for
+one transaction's turn at most. ``release()`` takes back a clean
 connection; ``discard()`` closes one. ``reap(now)`` is called by the janitor
 tick and applies idle_timeout, server_lifetime and min_pool_size.
 
@@ -24,14 +33,17 @@ log = Logger()
 
 
 class Waiter:
-    """A queued checkout: ``ok(conn)`` or ``fail(exception)`` is called once."""
+    """A queued checkout: ``ok(conn)`` or ``fail(exception)`` is called once.
+    ``since``: when its wait began (its place in the queue); ``urgent``: a
+    login-time need (greeting parameters), served before the work queue."""
 
-    __slots__ = ("ok", "fail", "since")
+    __slots__ = ("ok", "fail", "since", "urgent")
 
-    def __init__(self, ok, fail, since):
+    def __init__(self, ok, fail, since, urgent=False):
         self.ok = ok
         self.fail = fail
         self.since = since
+        self.urgent = urgent
 
 
 class ConnectionPool:
@@ -79,10 +91,21 @@ class ConnectionPool:
         return len(self.idle) + len(self.busy) + self.connecting
 
     def maxwait(self):
-        """Seconds the oldest waiter has been waiting."""
+        """Seconds the longest-waiting client has been waiting."""
         if not self.waiters:
             return 0.0
-        return self.reactor.seconds() - self.waiters[0].since
+        return self.reactor.seconds() - self._oldest_since()
+
+    def _oldest_since(self):
+        # The work queue is in ``since`` order; urgent waiters (at most a
+        # few logins) sit before it and may have begun later.
+        oldest = None
+        for w in self.waiters:
+            if oldest is None or w.since < oldest:
+                oldest = w.since
+            if not w.urgent:
+                break
+        return oldest
 
     # --- checkout / checkin ---------------------------------------------------
 
@@ -128,15 +151,17 @@ class ConnectionPool:
         delay = self.healthcheck_delay
         return delay is not None and self.reactor.seconds() - conn.last_used > delay
 
-    def acquire(self):
-        """A connection now, or a cancellable Deferred that fires with one."""
+    def acquire(self, urgent=False):
+        """A connection now, or a cancellable Deferred that fires with one.
+        ``urgent``: a login-time need, queued before the work queue."""
         if self.closed:
             return defer.fail(ServerConnectionFailed(f"{self.name}: pool is closed"))
         conn = self.take_idle()
         if conn is not None:
             return conn
         d = defer.Deferred(lambda d: self.cancel_wait(w))
-        w = self.wait(d.callback, d.errback)
+        w = Waiter(d.callback, d.errback, 0.0, urgent)
+        self.enqueue(w)
         return d
 
     def wait(self, ok, fail):
@@ -146,8 +171,11 @@ class ConnectionPool:
 
     def enqueue(self, w):
         """``wait`` with a caller-owned Waiter (a client reuses one for all
-        its checkouts; it is in at most one queue at a time)."""
+        its checkouts; it is in at most one queue at a time). Its wait
+        begins now."""
         w.since = self.reactor.seconds()
+        if w.urgent:
+            return self._insert(w)
         if self.closed:
             w.fail(ServerConnectionFailed(f"{self.name}: pool is closed"))
             return w
@@ -159,6 +187,39 @@ class ConnectionPool:
         if len(self.busy) < self.pool_size and len(waiters) > self.connecting and \
                 len(self.idle) + len(self.busy) + self.connecting < self.pool_size:
             self._maybe_connect()
+        return w
+
+    def requeue(self, w):
+        """Queue a Waiter whose wait began earlier (``w.since``, kept): a
+        client moved here from another address goes before everybody who
+        began waiting after it."""
+        return self._insert(w)
+
+    def _insert(self, w):
+        """Slow path of enqueue: put ``w`` in its place (urgent ones first,
+        among themselves and the rest by ``since``)."""
+        if self.closed:
+            w.fail(ServerConnectionFailed(f"{self.name}: pool is closed"))
+            return w
+        waiters = self.waiters
+        i = len(waiters)
+        if w.urgent:
+            i = 0
+            while i < len(waiters) and waiters[i].urgent:
+                i += 1
+        else:
+            while i > 0 and not waiters[i - 1].urgent and waiters[i - 1].since > w.since:
+                i -= 1
+        waiters.insert(i, w)
+        deadline = w.since + self.connect_timeout
+        timer = self._timer
+        if timer is not None and timer.active() and timer.getTime() > deadline + 1e-9:
+            timer.cancel()  # (rare: a wait older than the one the timer is for)
+            timer = self._timer = None
+        if timer is None:
+            self._timer = self.reactor.callLater(
+                max(0.0, deadline - self.reactor.seconds()), self._expire)
+        self._maybe_connect()
         return w
 
     def release(self, conn, used=True):
@@ -234,15 +295,20 @@ class ConnectionPool:
             pass
 
     def _expire(self):
-        """Fail every waiter whose connect_timeout has passed."""
+        """Fail every waiter whose connect_timeout has passed (at most once
+        per connect_timeout while clients wait: a scan is cheap then)."""
         self._timer = None
         now = self.reactor.seconds()
+        limit = now - self.connect_timeout + 1e-9
         waiters = self.waiters
-        while waiters and now - waiters[0].since >= self.connect_timeout - 1e-9:
-            self._waiter_timeout(waiters.popleft())
+        expired = [w for w in waiters if w.since <= limit]
+        if expired:
+            self.waiters = waiters = deque(w for w in waiters if w.since > limit)
+            for w in expired:
+                self._waiter_timeout(w)
         if waiters and self._timer is None:
             self._timer = self.reactor.callLater(
-                max(0.0, waiters[0].since + self.connect_timeout - now), self._expire)
+                max(0.0, self._oldest_since() + self.connect_timeout - now), self._expire)
 
     def fail_waiters(self, err):
         """Fail every queued checkout with ``err`` (the address was banned:
