@@ -12,6 +12,7 @@ Standard library only.  See bench/README.rst for usage.
 """
 
 import argparse
+import contextlib
 import datetime
 import getpass
 import glob
@@ -549,12 +550,19 @@ def pgbench_mode(target, mode):
     return mode
 
 
+def target_db(target, mode):
+    """The database a client connects to: mode "prepared" uses pgcat_tw's
+    ``bench_prepared`` pool (shared prepared statements)."""
+    if mode == "prepared" and target.name in PGCAT_TARGETS:
+        return DBNAME + "_prepared"
+    return DBNAME
+
+
 def run_pgbench(target, mode, clients, duration):
     argv = ["pgbench", "-n", "-S", "-M", pgbench_mode(target, mode), "-c", str(clients),
             "-j", str(min(clients, 2)), "-T", str(duration),
             "-h", target.host, "-p", str(target.port), "-U", USER,
-            DBNAME + "_prepared" if (mode == "prepared" and target.name in PGCAT_TARGETS)
-            else DBNAME]
+            target_db(target, mode)]
     env = dict(os.environ, PGPASSWORD=PASSWORD)
     sys.stdout.flush()
     cpu0 = target.cpu_times()
@@ -706,13 +714,14 @@ def has_twistd(venv):
     return os.path.exists(os.path.join(venv, "bin", "twistd"))
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--clients", type=csv_list(int), default=[1, 64],
-                   help="comma-separated pgbench client counts (default: 1,64)")
-    p.add_argument("--modes", type=csv_list(), default=["simple", "extended", "prepared"],
-                   help="comma-separated pgbench -M modes (default: "
-                        "simple,extended,prepared)")
+def build_parser(description=__doc__.split("\n\n")[0], clients="1,64",
+                 modes="simple,extended,prepared"):
+    """The options; bench/newcomer.py adds its own and other defaults."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--clients", type=csv_list(int), default=clients,
+                   help="comma-separated pgbench client counts (default: %(default)s)")
+    p.add_argument("--modes", type=csv_list(), default=modes,
+                   help="comma-separated pgbench -M modes (default: %(default)s)")
     p.add_argument("--targets", type=csv_list(), default=None,
                    help="comma-separated subset of %s (default: all; pgcat_tw_pypy "
                         "when --pypy-venv has bin/twistd)" % ",".join(ALL_TARGETS))
@@ -744,6 +753,11 @@ def parse_args(argv=None):
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
     p.add_argument("--no-json", action="store_true",
                    help="do not write bench/results/<timestamp>.json")
+    return p
+
+
+def parse_args(argv=None, parser=None):
+    p = parser or build_parser()
     args = p.parse_args(argv)
     if args.targets is None:
         args.targets = [t for t in ALL_TARGETS
@@ -763,13 +777,15 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt("signal %d" % signum)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+@contextlib.contextmanager
+def environment(args):
+    """Postgres and the targets of ``args.targets``, started and checked.
+    On exit (normal, error, Ctrl-C) stops every process it started and
+    removes the temp dir (``--keep`` keeps it)."""
     args.runas = RunAs(args.run_as)
     # explicit handlers: SIGINT may be inherited as ignored (background jobs)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_interrupt)
-
     workdir = tempfile.mkdtemp(prefix="pgbench-compare-")
     os.chmod(workdir, 0o755)
     args.runas.chown(workdir)
@@ -784,77 +800,7 @@ def main(argv=None):
             targets.append(t)
             t.start()
             t.check()
-
-        if args.warmup > 0:
-            # Every mode at the most and the fewest clients: PyPy's JIT
-            # compiles each path the first time it runs hot.
-            for t in targets:
-                for mode in args.modes:
-                    for clients in sorted({max(args.clients), min(args.clients)},
-                                          reverse=True):
-                        log("warmup %s %s c=%d (%ds)" % (t.name, mode, clients, args.warmup))
-                        run_pgbench(t, mode, clients, args.warmup)
-
-        runs = []
-        combos = [(m, c) for m in args.modes for c in args.clients]
-        total = args.rounds * len(combos) * len(targets)
-        n = 0
-        for rnd in range(args.rounds):
-            k = rnd % len(targets)
-            order = targets[k:] + targets[:k]
-            for mode, clients in combos:
-                for t in order:
-                    n += 1
-                    if not t.alive():
-                        raise BenchError("%s died\n%s" % (t.name, t.describe_failure()))
-                    r = run_pgbench(t, mode, clients, args.duration)
-                    r["round"] = rnd
-                    runs.append(r)
-                    log("[%d/%d] round %d %-8s c=%-3d %-9s tps=%s lat=%sms cpu/1k=%s failed=%s%s"
-                        % (n, total, rnd, mode, clients, t.name, fmt(r["tps"], ".0f"),
-                           fmt(r["latency_ms"], ".3f"), fmt(r["cpu_s_per_1k"], ".4f"),
-                           r["failed"], "" if "error" not in r else
-                           "  ERROR: " + r["error"].splitlines()[-1]))
-
-        names = [t.name for t in targets]
-        summary = summarize(runs, args.modes, args.clients, names)
-        comps = comparisons(summary)
-        text = render(summary, comps)
-        print("pgbench -S: medians of %d round(s) x %ds, pool_size=%d, scale=%d"
-              % (args.rounds, args.duration, args.pool_size, args.scale))
-        interpreters = {t.name: t.interpreter for t in targets
-                        if getattr(t, "interpreter", None)}
-        for name, interp in interpreters.items():
-            print("%s on %s" % (name, interp))
-        interpreter = interpreters.get("pgcat_tw")
-        print(text)
-
-        if not args.no_json:
-            os.makedirs(RESULTS_DIR, exist_ok=True)
-            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-            path = os.path.join(RESULTS_DIR, "%s.json" % stamp)
-            cfg = {k: v for k, v in vars(args).items() if k != "runas"}
-            with open(path, "w") as f:
-                json.dump({
-                    "timestamp": stamp,
-                    "host": {"node": platform.node(), "cpus": os.cpu_count(),
-                             "python": platform.python_version(),
-                             "pgcat_tw_interpreter": interpreter,
-                             "interpreters": interpreters},
-                    "config": cfg,
-                    "summary": summary,
-                    "comparisons": comps,
-                    "runs": runs,
-                    "table": text,
-                }, f, indent=2)
-            print("\nwrote %s" % os.path.relpath(path))
-        return 0
-    except BenchError as e:
-        log("ERROR: %s" % e)
-        return 1
-    except KeyboardInterrupt:
-        log("interrupted")
-        return 130
+        yield targets
     finally:
         # cleanup must not be interrupted by a second Ctrl-C
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -873,6 +819,101 @@ def main(argv=None):
             log("kept %s" % workdir)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def warm_up(targets, args):
+    """Every mode at the most and the fewest clients, untimed: PyPy's JIT
+    compiles each path the first time it runs hot."""
+    if args.warmup <= 0:
+        return
+    for t in targets:
+        for mode in args.modes:
+            for clients in sorted({max(args.clients), min(args.clients)}, reverse=True):
+                log("warmup %s %s c=%d (%ds)" % (t.name, mode, clients, args.warmup))
+                run_pgbench(t, mode, clients, args.warmup)
+
+
+def rotated(targets, rnd):
+    """The target order of round ``rnd``: rotated by one every round."""
+    k = rnd % len(targets)
+    return targets[k:] + targets[:k]
+
+
+def run_rounds(targets, args):
+    runs = []
+    combos = [(m, c) for m in args.modes for c in args.clients]
+    total = args.rounds * len(combos) * len(targets)
+    n = 0
+    for rnd in range(args.rounds):
+        order = rotated(targets, rnd)
+        for mode, clients in combos:
+            for t in order:
+                n += 1
+                if not t.alive():
+                    raise BenchError("%s died\n%s" % (t.name, t.describe_failure()))
+                r = run_pgbench(t, mode, clients, args.duration)
+                r["round"] = rnd
+                runs.append(r)
+                log("[%d/%d] round %d %-8s c=%-3d %-9s tps=%s lat=%sms cpu/1k=%s failed=%s%s"
+                    % (n, total, rnd, mode, clients, t.name, fmt(r["tps"], ".0f"),
+                       fmt(r["latency_ms"], ".3f"), fmt(r["cpu_s_per_1k"], ".4f"),
+                       r["failed"], "" if "error" not in r else
+                       "  ERROR: " + r["error"].splitlines()[-1]))
+    return runs
+
+
+def interpreters(targets):
+    """{target name: interpreter} of the pgcat_tw targets."""
+    return {t.name: t.interpreter for t in targets if getattr(t, "interpreter", None)}
+
+
+def save_json(args, targets, data, suffix=""):
+    """Writes bench/results/<timestamp><suffix>.json: host, config and
+    ``data``; returns its path."""
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = os.path.join(RESULTS_DIR, "%s%s.json" % (stamp, suffix))
+    interps = interpreters(targets)
+    cfg = {k: v for k, v in vars(args).items() if k != "runas"}
+    with open(path, "w") as f:
+        json.dump(dict({
+            "timestamp": stamp,
+            "host": {"node": platform.node(), "cpus": os.cpu_count(),
+                     "python": platform.python_version(),
+                     "pgcat_tw_interpreter": interps.get("pgcat_tw"),
+                     "interpreters": interps},
+            "config": cfg,
+        }, **data), f, indent=2)
+    return path
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        with environment(args) as targets:
+            warm_up(targets, args)
+            runs = run_rounds(targets, args)
+            names = [t.name for t in targets]
+            summary = summarize(runs, args.modes, args.clients, names)
+            comps = comparisons(summary)
+            text = render(summary, comps)
+            print("pgbench -S: medians of %d round(s) x %ds, pool_size=%d, scale=%d"
+                  % (args.rounds, args.duration, args.pool_size, args.scale))
+            for name, interp in interpreters(targets).items():
+                print("%s on %s" % (name, interp))
+            print(text)
+            if not args.no_json:
+                path = save_json(args, targets, {
+                    "summary": summary, "comparisons": comps, "runs": runs,
+                    "table": text})
+                print("\nwrote %s" % os.path.relpath(path))
+        return 0
+    except BenchError as e:
+        log("ERROR: %s" % e)
+        return 1
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
 
 
 if __name__ == "__main__":
