@@ -321,20 +321,29 @@ class _Parser:
 
     def shard(self, index: int, table: dict, keypath: str) -> Shard:
         values = self.section(table, keypath, Shard, SHARD_SPEC, skip=("servers", "mirrors"))
+        servers = self.servers(table.get("servers"), _key(keypath, "servers"))
+        mirrors = self.mirrors(table.get("mirrors", []), _key(keypath, "mirrors"), len(servers))
+        return Shard(
+            index=index,
+            database=values["database"],
+            servers=servers,
+            mirrors=mirrors,
+        )
 
-        servers_path = _key(keypath, "servers")
-        raw_servers = table.get("servers")
+    def servers(self, raw_servers: Any, keypath: str) -> tuple[ServerAddress, ...]:
+        """A shard's ``servers``: [host, port, role] rows, no duplicate
+        host:port, at most one primary."""
         if raw_servers is None:
-            self.fail(servers_path, "is required")
+            self.fail(keypath, "is required")
         if not isinstance(raw_servers, list) or not raw_servers:
             self.fail(
-                servers_path,
+                keypath,
                 f"must be a non-empty array of [host, port, role], got {_show(raw_servers)}",
             )
         servers = []
         seen = set()
         for i, raw in enumerate(raw_servers):
-            item_path = _key(servers_path, i)
+            item_path = _key(keypath, i)
             host, port, role = self.triple(raw, item_path, "[host, port, role]")
             host = self.check(NON_EMPTY_STRING, host, _key(item_path, 0))
             port = self.check(PORT, port, _key(item_path, 1))
@@ -344,34 +353,32 @@ class _Parser:
             seen.add((host, port))
             servers.append(ServerAddress(host=host, port=port, role=role, index=i))
         if sum(s.role == "primary" for s in servers) > 1:
-            self.fail(servers_path, "at most one server may have the primary role")
+            self.fail(keypath, "at most one server may have the primary role")
+        return tuple(servers)
 
-        mirrors_path = _key(keypath, "mirrors")
-        raw_mirrors = table.get("mirrors", [])
+    def mirrors(
+        self, raw_mirrors: Any, keypath: str, server_count: int
+    ) -> tuple[tuple[str, int, int], ...]:
+        """A shard's ``mirrors``: [host, port, server_index] rows, the index
+        naming one of the shard's ``server_count`` servers."""
         if not isinstance(raw_mirrors, list):
             self.fail(
-                mirrors_path,
+                keypath,
                 f"must be an array of [host, port, server_index], got {_show(raw_mirrors)}",
             )
         mirrors = []
         for i, raw in enumerate(raw_mirrors):
-            item_path = _key(mirrors_path, i)
+            item_path = _key(keypath, i)
             host, port, target = self.triple(raw, item_path, "[host, port, server_index]")
             host = self.check(NON_EMPTY_STRING, host, _key(item_path, 0))
             port = self.check(PORT, port, _key(item_path, 1))
             target = self.check(
-                _integer(0, len(servers) - 1, f"a server index from 0 to {len(servers) - 1}"),
+                _integer(0, server_count - 1, f"a server index from 0 to {server_count - 1}"),
                 target,
                 _key(item_path, 2),
             )
             mirrors.append((host, port, target))
-
-        return Shard(
-            index=index,
-            database=values["database"],
-            servers=tuple(servers),
-            mirrors=tuple(mirrors),
-        )
+        return tuple(mirrors)
 
     def triple(self, raw: Any, keypath: str, shape: str):
         if not isinstance(raw, list) or len(raw) != 3:
