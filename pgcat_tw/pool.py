@@ -34,15 +34,18 @@ log = Logger()
 
 class Waiter:
     """A queued checkout: ``ok(conn)`` or ``fail(exception)`` is called once.
-    ``since``: when its wait began (its place in the queue); ``urgent``: a
-    login-time need (greeting parameters), served before the work queue."""
+    ``since``: when its wait began (its place in the queue); ``deadline``:
+    when it fails with a timeout (connect_timeout after it queued on this
+    address); ``urgent``: a login-time need (greeting parameters), served
+    before the work queue."""
 
-    __slots__ = ("ok", "fail", "since", "urgent")
+    __slots__ = ("ok", "fail", "since", "deadline", "urgent")
 
     def __init__(self, ok, fail, since, urgent=False):
         self.ok = ok
         self.fail = fail
         self.since = since
+        self.deadline = since
         self.urgent = urgent
 
 
@@ -173,7 +176,8 @@ class ConnectionPool:
         """``wait`` with a caller-owned Waiter (a client reuses one for all
         its checkouts; it is in at most one queue at a time). Its wait
         begins now."""
-        w.since = self.reactor.seconds()
+        w.since = now = self.reactor.seconds()
+        w.deadline = now + self.connect_timeout
         if w.urgent:
             return self._insert(w)
         if self.closed:
@@ -192,7 +196,8 @@ class ConnectionPool:
     def requeue(self, w):
         """Queue a Waiter whose wait began earlier (``w.since``, kept): a
         client moved here from another address goes before everybody who
-        began waiting after it."""
+        began waiting after it. Its connect_timeout starts again here."""
+        w.deadline = self.reactor.seconds() + self.connect_timeout
         return self._insert(w)
 
     def _insert(self, w):
@@ -211,14 +216,9 @@ class ConnectionPool:
             while i > 0 and not waiters[i - 1].urgent and waiters[i - 1].since > w.since:
                 i -= 1
         waiters.insert(i, w)
-        deadline = w.since + self.connect_timeout
-        timer = self._timer
-        if timer is not None and timer.active() and timer.getTime() > deadline + 1e-9:
-            timer.cancel()  # (rare: a wait older than the one the timer is for)
-            timer = self._timer = None
-        if timer is None:
-            self._timer = self.reactor.callLater(
-                max(0.0, deadline - self.reactor.seconds()), self._expire)
+        if self._timer is None:
+            # (A deadline set now is the latest: a running timer is earlier.)
+            self._timer = self.reactor.callLater(self.connect_timeout, self._expire)
         self._maybe_connect()
         return w
 
@@ -299,16 +299,16 @@ class ConnectionPool:
         per connect_timeout while clients wait: a scan is cheap then)."""
         self._timer = None
         now = self.reactor.seconds()
-        limit = now - self.connect_timeout + 1e-9
+        limit = now + 1e-9
         waiters = self.waiters
-        expired = [w for w in waiters if w.since <= limit]
+        expired = [w for w in waiters if w.deadline <= limit]
         if expired:
-            self.waiters = waiters = deque(w for w in waiters if w.since > limit)
+            self.waiters = waiters = deque(w for w in waiters if w.deadline > limit)
             for w in expired:
                 self._waiter_timeout(w)
         if waiters and self._timer is None:
-            self._timer = self.reactor.callLater(
-                max(0.0, self._oldest_since() + self.connect_timeout - now), self._expire)
+            first = min(w.deadline for w in waiters)
+            self._timer = self.reactor.callLater(max(0.0, first - now), self._expire)
 
     def fail_waiters(self, err):
         """Fail every queued checkout with ``err`` (the address was banned:

@@ -15,7 +15,7 @@ from pgcat_tw.cancel import CancelKeys
 from pgcat_tw.cluster import Cluster, set_parameter_sql
 from pgcat_tw.config import parse
 from pgcat_tw.errors import PoolTimeout
-from pgcat_tw.frontend import ClientFactory
+from pgcat_tw.frontend import ClientFactory, Session
 from pgcat_tw.pool import ConnectionPool, Waiter
 from pgcat_tw.protocol import messages as m
 from tests.test_handoff import CONFIG, LoggedTransport
@@ -102,16 +102,28 @@ class PoolOrderTests(SynchronousTestCase):
         self.assertEqual(self.served, [("a", "PoolTimeout"), ("login", "PoolTimeout")])
         self.assertEqual(list(self.pool.waiters), [])
 
-    def test_requeued_old_waiter_expires_on_time(self):
-        self.pool.enqueue(self.waiter("a"))          # timer due at 5.0
+    def test_requeued_waiter_gets_a_full_connect_timeout_here(self):
+        """Its place is kept, its timeout starts again on the new address
+        (each candidate gets connect_timeout, as in PgCat)."""
+        self.pool.enqueue(self.waiter("a"))          # deadline 5.0
         self.clock.advance(1.0)
         moved = self.waiter("moved")
-        moved.since = -3.0                            # deadline 2.0
-        self.pool.requeue(moved)
+        moved.since = -3.0                            # waited 4 s elsewhere
+        self.pool.requeue(moved)                      # deadline 6.0, first in line
+        self.assertAlmostEqual(self.pool.maxwait(), 4.0)
+        self.clock.advance(4.0)
+        self.assertEqual(self.served, [("a", "PoolTimeout")])
         self.clock.advance(1.0)
-        self.assertEqual(self.served, [("moved", "PoolTimeout")])
-        self.clock.advance(3.0)
-        self.assertEqual(self.served, [("moved", "PoolTimeout"), ("a", "PoolTimeout")])
+        self.assertEqual(self.served, [("a", "PoolTimeout"), ("moved", "PoolTimeout")])
+
+    def test_requeued_waiter_is_served_first(self):
+        self.pool.enqueue(self.waiter("a"))
+        self.clock.advance(1.0)
+        moved = self.waiter("moved")
+        moved.since = -0.5                            # before "a"
+        self.pool.requeue(moved)
+        self.cycle(2)
+        self.assertEqual(self.served, ["moved", "a"])
 
     def test_pool_timeout_error(self):
         self.pool.enqueue(self.waiter("a"))
@@ -160,12 +172,9 @@ class CheckoutOrderTests(SynchronousTestCase):
     def client(self, name, **params):
         client = self.factory.buildProtocol(None)
         client.makeConnection(LoggedTransport(name, self.log))
-        client.user, client.database, client.user_pool = "u", "db", self.up
-        client.transaction_mode = True
         values = dict(BASE)
         values.update(params)
-        client.params = values
-        client._enter_work_phase()
+        client._enter_work_phase(Session("u", "db", user_pool=self.up, params=values))
         return client
 
     def server_writes(self):
