@@ -14,9 +14,8 @@ may serve it is computed once and cached until a ban, a role or a lag
 eligibility changes, so the hot path (``take_idle``) is a dict lookup and
 one random pick:
 
-- ``primary``: the shard's primary: the address that reports it is not in
-  recovery (the most recently promoted one if several do); before anything
-  was reported, the configured primary.
+- ``primary``: the shard's acting primary (``Balancer.acting``), chosen
+  by the role rules below; none while no server qualifies.
 - ``replica``: replicas that are not banned and not lagging more than
   ``max_replica_lag`` bytes; the primary too when primary reads are on, or
   when every available replica lags.
@@ -26,6 +25,28 @@ Bans: a replica that fails a connect, a health check or a query is banned
 for ``ban_time``; the primary never is. When every replica of a shard is
 banned and a checkout has nowhere else to go (role ``replica`` without
 primary reads), the shard's bans are cleared (PgCat's rule).
+
+Roles (issue 13): the configured roles are the truth until a failover
+shows otherwise. The acting primary starts as the configured one and keeps
+the writes while it answers and is not in recovery. Another server takes
+them over only when the acting primary is gone (a connect, check or query
+failed and it has not answered since) or in recovery, and that server left
+recovery: the pooler saw it in recovery and now it is not, or it says it
+streamed WAL as a standby since it started (``pg_last_wal_receive_lsn()`` is
+not NULL while it is not in recovery). Exactly one such server must qualify:
+with two, nobody gets the writes (their error names them) rather than a
+guess. A server that is simply not in recovery (a standalone copy, a
+logical subscriber) while the acting primary is healthy is a replica: it
+serves reads and is warned about once. A replaced primary that is not in
+recovery (back after a failover: split brain) serves nothing until it
+reports it is in recovery (it rejoined as a standby), then it is a replica.
+Started after a failover (the acting primary never answered as a primary
+yet): if the configured primary reports it is in recovery, which proves a
+failover, the only server that is not in recovery (every other one having
+reported) takes the writes even without having been seen leaving recovery;
+an unreachable configured primary proves nothing, and nothing is elected
+on that alone. This runs when a report or a failure comes in, never per
+transaction: the routes are rebuilt from its result.
 """
 
 import random
@@ -43,15 +64,23 @@ _random = random.random
 
 
 class AddressState:
-    __slots__ = ("configured", "role", "banned_until", "ban_reason", "promoted_at", "lsn",
-                 "lag", "checking", "next_probe", "probe_failed_at", "last_check", "errors")
+    __slots__ = ("configured", "role", "banned_until", "ban_reason", "seen_in_recovery",
+                 "left_recovery_at", "down", "displaced", "warned", "lsn", "lag", "checking",
+                 "next_probe", "probe_failed_at", "last_check", "errors")
 
     def __init__(self, configured):
         self.configured = configured    # role in the configuration
-        self.role = None                # reported: PRIMARY / REPLICA; None: not yet known
+        # What the server last reported: REPLICA (in recovery), PRIMARY (not
+        # in recovery); None: not yet known. Whether it takes the writes is
+        # the balancer's decision (``Balancer.acting``), not this.
+        self.role = None
         self.banned_until = None        # reactor time the ban ends; None: not banned
         self.ban_reason = None
-        self.promoted_at = -1.0         # when it was seen to become a primary
+        self.seen_in_recovery = False   # it reported being in recovery once
+        self.left_recovery_at = None    # when it was seen to leave recovery
+        self.down = False               # failed, and has not answered since
+        self.displaced = False          # a replaced primary, not seen in recovery since
+        self.warned = None              # the one warning logged for its state
         self.lsn = None                 # last WAL position seen (replay on a replica)
         self.lag = None                 # bytes behind the primary; None: unknown
         self.checking = False           # a health check or probe is running
@@ -62,6 +91,8 @@ class AddressState:
 
     @property
     def effective_role(self):
+        """In recovery (REPLICA) or not (PRIMARY) as last reported, else as
+        configured: whether it could have written anything."""
         return self.role or self.configured
 
     @property
@@ -72,6 +103,15 @@ class AddressState:
 def address_name(pool):
     a = pool.address
     return f"{a.host}:{a.port}" if a is not None else pool.name
+
+
+def _names(pools):
+    return ", ".join(address_name(p) for p in pools)
+
+
+def _key(pool):
+    a = pool.address
+    return (a.host, a.port, a.role, pool.shard.database)
 
 
 class Balancer:
@@ -92,6 +132,16 @@ class Balancer:
             self.shards.setdefault(p.shard.index, []).append(p)
         self.primary_lsn = {}                  # shard -> WAL position of its primary
         self.discovering = set()               # shards whose primary is being looked for
+        # shard -> the configured primary (None if the shard has none), and
+        # the acting primary: the one address that takes the writes (None:
+        # no primary). Changed only by ``_elect``.
+        self.configured_primary = {
+            shard: next((p for p in pools if p.address.role == PRIMARY), None)
+            for shard, pools in self.shards.items()}
+        self.acting = dict(self.configured_primary)
+        self.confirmed = set()   # shards whose acting primary answered as a primary
+        self.contested = set()   # shards with a replica that left recovery
+        self.no_primary = {}     # shard -> why no other server takes over
         # shard -> [routes without primary reads, routes with]: role -> tuple
         # (nested so the hot path allocates no key).
         self._routes = {shard: [{}, {}] for shard in self.shards}
@@ -132,21 +182,16 @@ class Balancer:
             by_pr[1].clear()
 
     def primary(self, shard):
-        """The shard's primary: reported not in recovery (the most recently
-        promoted if several are), else the configured one; None if none."""
-        best = None
-        for p in self.shards.get(shard, ()):
-            h = p.health
-            if h.effective_role == PRIMARY and (best is None
-                                                or h.promoted_at > best.health.promoted_at):
-                best = p
-        return best
+        """The shard's acting primary (see "Roles" above), or None."""
+        return self.acting.get(shard)
 
     def replicas(self, shard):
-        """Addresses of the shard that are replicas now (banned or not)."""
-        primary = self.primary(shard)
+        """Addresses of the shard that serve reads as replicas (banned or
+        not): all but the acting primary and a replaced primary that is not
+        in recovery."""
+        primary = self.acting.get(shard)
         return [p for p in self.shards.get(shard, ())
-                if p is not primary and p.health.effective_role == REPLICA]
+                if p is not primary and not p.health.displaced]
 
     def lagging(self, pool):
         lag = pool.health.lag
@@ -237,11 +282,16 @@ class Balancer:
         if pools is None:
             return ServerConnectionFailed(f'{self.name}: shard {shard} is not configured')
         if role == PRIMARY:
+            note = self.no_primary.get(shard)
             if last is not None:
+                if note and isinstance(last, ServerConnectionFailed):
+                    return ServerConnectionFailed(f"{last.message}; no other server takes "
+                                                  f"the writes: {note}")
                 return last
             return ServerConnectionFailed(
-                f"{self.name}: no primary is available for shard {shard} (every server "
-                "reports it is in recovery); waiting for one to be promoted")
+                f"{self.name}: no primary is available for shard {shard} "
+                f"({note or 'every server reports it is in recovery'}); "
+                "waiting for one to be promoted")
         reps = self.replicas(shard)
         if role == "any" or primary_reads:
             what = "no server"
@@ -274,7 +324,7 @@ class Balancer:
         queued on it go to their next candidate at once. -> banned?"""
         h = pool.health
         h.errors += 1
-        if h.effective_role == PRIMARY:
+        if pool is self.acting.get(pool.shard.index):
             return False
         if h.banned_until is not None:
             return True
@@ -318,23 +368,198 @@ class Balancer:
 
     # --- what the health checks saw --------------------------------------------------
 
-    def set_role(self, pool, in_recovery):
-        """A connection reported whether its server is in recovery."""
+    def set_role(self, pool, in_recovery, streamed=False):
+        """A connection or check reported whether its server is in recovery;
+        ``streamed``: it also said it streamed WAL as a standby since it
+        started (``pg_last_wal_receive_lsn()`` not NULL). -> changed?"""
         h = pool.health
         new = REPLICA if in_recovery else PRIMARY
-        if h.role == new:
+        if h.role == new and not h.down and not (streamed and h.left_recovery_at is None
+                                                 and not in_recovery):
             return False
-        before = h.effective_role
+        h.down = False
         h.role = new
-        if new == PRIMARY and before != PRIMARY:
-            h.promoted_at = self.reactor.seconds()
-        if new == PRIMARY and h.banned_until is not None:
-            self.unban(pool, "is a primary now")
+        if in_recovery:
+            if h.displaced:
+                h.displaced = False
+                log.warn("{name}: server {addr} is now a {new} (was {old}): routing follows",
+                         name=self.name, addr=address_name(pool), new=REPLICA,
+                         old="former primary")
+            h.seen_in_recovery = True
+            h.left_recovery_at = None
+            h.warned = None
+        elif h.left_recovery_at is None and (h.seen_in_recovery or streamed):
+            h.left_recovery_at = self.reactor.seconds()
+        shard = pool.shard.index
+        self._elect(shard)
         self.invalidate()
-        if new != before:
-            log.warn("{name}: server {addr} is now a {new} (was {old}): routing follows",
-                     name=self.name, addr=address_name(pool), new=new, old=before)
+        if not in_recovery and pool is not self.acting.get(shard):
+            self._warn_not_acting(pool, shard)
         return True
+
+    def server_down(self, pool):
+        """A connect, check or query of ``pool``'s server failed: it counts
+        as gone (for the role rules) until it reports again."""
+        h = pool.health
+        if h.down:
+            return
+        h.down = True
+        shard = pool.shard.index
+        before = self.acting.get(shard)
+        self._elect(shard)
+        if self.acting.get(shard) is not before:
+            self.invalidate()
+
+    # --- the role rules (module docstring, "Roles") ----------------------------------
+
+    def _elect(self, shard):
+        """Keep the acting primary while it is healthy; otherwise hand the
+        writes to the one server that qualifies, if any."""
+        acting = self.acting.get(shard)
+        if acting is not None and acting.health.role != REPLICA and not acting.health.down:
+            if acting.health.role == PRIMARY:
+                self.confirmed.add(shard)
+            self._set_note(shard, None)
+            self._contest(shard, acting)
+            return
+        self.contested.discard(shard)
+        new, note, loud = self._successor(shard, acting)
+        self._set_note(shard, note, loud)
+        if new is not None:
+            self._replace(shard, acting, new)
+        elif acting is not None and acting.health.role == REPLICA:
+            # In recovery with nobody to take over: no primary. (A primary
+            # that is only gone keeps the route: writes get its errors.)
+            self._replace(shard, acting, None)
+
+    def _successor(self, shard, acting):
+        """-> (the server that takes the writes or None, why none does,
+        whether that is worth a warning: only when other servers are
+        involved; a plain outage of the primary has its own log line in
+        ``cluster.UserPool.server_failed``)."""
+        others = [p for p in self.shards.get(shard, ())
+                  if p is not acting and not p.health.displaced]
+        out = [p for p in others if p.health.role == PRIMARY]   # not in recovery
+        left = [p for p in out if p.health.left_recovery_at is not None]
+        cp = self.configured_primary.get(shard)
+        if left:
+            cands, what = left, "left recovery"
+        elif out and shard not in self.confirmed and cp is not None \
+                and cp.health.role == REPLICA:
+            # Started after a failover: the configured primary is a standby.
+            waiting = [p for p in others if p.health.role is None and not p.health.banned]
+            if waiting:
+                return (None, f"waiting for {_names(waiting)} to report whether in recovery",
+                        False)
+            cands, what = out, f"not in recovery while {address_name(cp)} is"
+        elif out:
+            return None, (f"{_names(out)} {'is' if len(out) == 1 else 'are'} not in recovery "
+                          "but never seen leaving it"), True
+        elif acting is not None and acting.health.role != REPLICA:
+            return None, f"{address_name(acting)} does not answer", False
+        elif all(p.health.role is not None for p in others):
+            return None, "every server reports it is in recovery", False
+        else:
+            return None, "no server reported it is out of recovery", False
+        if len(cands) > 1:
+            return None, (f"{_names(cands)} are all {what}: not choosing one (set the "
+                          "primary in the configuration)"), True
+        h = cands[0].health
+        if h.banned or h.down:
+            return None, f"{address_name(cands[0])} ({what}) does not answer", True
+        return cands[0], None, False
+
+    def _replace(self, shard, old, new):
+        self.acting[shard] = new
+        self.invalidate()
+        if old is not None:
+            if old.health.role != REPLICA:
+                # Gone, and not seen in recovery: if it comes back as it
+                # was, it holds writes the new primary has not (split brain).
+                old.health.displaced = True
+                old.health.warned = None
+                old.fail_waiters(ServerConnectionFailed(
+                    f"{old.name}: no longer the primary of shard {shard}"))
+            else:
+                log.warn("{name}: server {addr} is now a {new} (was {old}): routing follows",
+                         name=self.name, addr=address_name(old), new=REPLICA, old=PRIMARY)
+        if new is not None:
+            self.confirmed.add(shard)   # it answered as a primary to be chosen
+            new.health.displaced = False
+            new.health.warned = None
+            log.warn("{name}: server {addr} is now a {new} (was {old}): routing follows",
+                     name=self.name, addr=address_name(new), new=PRIMARY, old=REPLICA,
+                     replaced=address_name(old) if old is not None else None)
+
+    def _contest(self, shard, acting):
+        """Note whether a replica left recovery while the acting primary is
+        healthy (the health checks then ask the primary every period)."""
+        if any(p is not acting and p.health.role == PRIMARY
+               and p.health.left_recovery_at is not None for p in self.shards[shard]):
+            self.contested.add(shard)
+        else:
+            self.contested.discard(shard)
+
+    def _set_note(self, shard, note, loud=False):
+        if note == self.no_primary.get(shard):
+            return
+        self.no_primary[shard] = note
+        if loud:
+            log.warn("{name}: shard {shard}: no server takes over the writes: {why}",
+                     name=self.name, shard=shard, why=note)
+
+    def _warn_not_acting(self, pool, shard):
+        """One warning per state for a server that is not in recovery and
+        does not take the writes."""
+        h = pool.health
+        primary = self.acting.get(shard)
+        pname = address_name(primary) if primary is not None else None
+        if h.displaced:
+            if h.warned != "displaced":
+                h.warned = "displaced"
+                log.warn("{name}: server {addr}, a former primary of shard {shard}, is not in "
+                         "recovery while {primary} is the primary (split brain): it gets no "
+                         "queries until it reports it is in recovery", name=self.name,
+                         addr=address_name(pool), shard=shard, primary=pname)
+            return
+        if h.warned is not None:
+            return
+        healthy = primary is not None and not primary.health.down
+        if not healthy and self.no_primary.get(shard):
+            return   # the shard's warning (``_set_note``) says why
+        h.warned = "replica"
+        if h.left_recovery_at is not None:
+            log.warn("{name}: server {addr} left recovery but the primary {primary} answers: "
+                     "it stays a replica (reads only) unless that primary fails or enters "
+                     "recovery", name=self.name, addr=address_name(pool), shard=shard,
+                     primary=pname)
+        else:
+            log.warn("{name}: server {addr} is not in recovery but was never seen in "
+                     "recovery (configured as {configured}): it stays a replica (reads "
+                     "only, no writes)", name=self.name, addr=address_name(pool),
+                     configured=h.configured, shard=shard, primary=pname)
+
+    def inherit(self, old):
+        """After a reload: what ``old`` (the balancer this one replaces)
+        learned about roles, for each shard whose servers are unchanged,
+        so a reload does not forget a failover."""
+        for shard, pools in self.shards.items():
+            prev = old.shards.get(shard)
+            if prev is None or list(map(_key, prev)) != list(map(_key, pools)):
+                continue
+            for p, q in zip(pools, prev):
+                h, g = p.health, q.health
+                h.role, h.seen_in_recovery, h.left_recovery_at = \
+                    g.role, g.seen_in_recovery, g.left_recovery_at
+                h.down, h.displaced, h.warned = g.down, g.displaced, g.warned
+            a = old.acting.get(shard)
+            self.acting[shard] = pools[prev.index(a)] if a is not None else None
+            if shard in old.confirmed:
+                self.confirmed.add(shard)
+            if shard in old.contested:
+                self.contested.add(shard)
+            self.no_primary[shard] = old.no_primary.get(shard)
+        self.invalidate()
 
     def set_lsn(self, pool, lsn):
         """Record a WAL position: the primary's current one, or a replica's

@@ -11,7 +11,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from pgcat_tw import backend
-from pgcat_tw.balancer import PRIMARY, Balancer
+from pgcat_tw.balancer import Balancer
 from pgcat_tw.health import RECOVERY_SQL, HealthMonitor
 from pgcat_tw.config import User, resolve
 from pgcat_tw.errors import ServerConnectionFailed
@@ -104,17 +104,23 @@ class UserPool:
     def _learn_role(self, conn, pool):
         """Every new connection tells whether its server is in recovery:
         PostgreSQL 14+ reports ``in_hot_standby`` at login (and again when
-        it changes); older servers are asked ``pg_is_in_recovery()``."""
+        it changes); older servers are asked ``pg_is_in_recovery()``. The
+        first time a server other than the acting primary says it is not in
+        recovery, it is also asked whether it streamed WAL as a standby
+        since it started (a promoted standby, for the role rules)."""
         hs = conn.params.get("in_hot_standby")
-        if hs is not None:
-            self.balancer.set_role(pool, hs == "on")
+        bal = self.balancer
+        if hs == "on" or (hs == "off" and (pool.health.role is not None
+                                           or pool is bal.primary(pool.shard.index))):
+            bal.set_role(pool, hs == "on")
             return conn
         d = conn.run([RECOVERY_SQL], timeout=pool.healthcheck_timeout)
 
         def ran(results):
             r = results[0]
             if not r.error and r.rows:
-                self.balancer.set_role(pool, r.rows[0][0] == "t")
+                row = r.rows[0]
+                bal.set_role(pool, row[0] == "t", len(row) > 1 and row[1] == "t")
             return conn
 
         def failed(f):
@@ -130,21 +136,22 @@ class UserPool:
             self.balancer.set_role(server.pool, hs == "on")
 
     def server_failed(self, pool, reason):
-        """A connect, health check or query on ``pool``'s server failed:
-        ban it if it is a replica; if it is the primary (never banned), look
-        for a promoted replica until a primary answers."""
+        """A connect, health check or query on ``pool``'s server failed: it
+        counts as gone for the role rules until it answers (a replica that
+        left recovery may take over from it), and it is banned unless it is
+        the acting primary (never banned): then every server is checked
+        until a primary answers."""
         reason = getattr(reason, "message", None) or str(reason)
         bal = self.balancer
-        if bal.ban(pool, reason):
-            return
-        if pool.health.effective_role == PRIMARY:
-            shard = pool.shard.index
-            if shard not in bal.discovering:
-                bal.discovering.add(shard)
-                log.warn("{name}: primary {host}:{port} of shard {shard} failed ({reason}): "
-                         "checking every server for a primary", name=bal.name,
-                         host=pool.address.host, port=pool.address.port, shard=shard,
-                         reason=reason)
+        shard = pool.shard.index
+        if pool is bal.primary(shard) and shard not in bal.discovering:
+            bal.discovering.add(shard)
+            log.warn("{name}: primary {host}:{port} of shard {shard} failed ({reason}): "
+                     "checking every server for a primary", name=bal.name,
+                     host=pool.address.host, port=pool.address.port, shard=shard,
+                     reason=reason)
+        bal.server_down(pool)
+        bal.ban(pool, reason)
 
     def _capture_params(self, conn):
         if self.reference_params is None:
@@ -240,6 +247,10 @@ class Cluster:
         up = UserPool(self.reactor, self.config, pool_cfg, user_cfg)
         up.tls = self.tls
         up.dynamic = dynamic
+        if old is not None:
+            # A reload does not forget a failover (shards whose servers
+            # are unchanged).
+            up.balancer.inherit(old.balancer)
         if old is not None and old.password_learned and up.server_password is None:
             # A secret auth_query fetched: keep using it until the next login
             # of this user fetches it again.

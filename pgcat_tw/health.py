@@ -6,16 +6,21 @@ by the janitor's tick (``tick(now)``). What they learn goes to the
   connection; the first that answers ends the ban (PgCat waits for
   ``ban_time``); the connection joins the pool;
 - every ``healthcheck_interval`` each address answers ``CHECK_SQL`` on an
-  idle connection: ``pg_is_in_recovery()`` (a promoted replica takes the
-  writes, a former primary in recovery gets none) and its WAL position
-  (replica lag, when ``max_replica_lag`` is set: then a connection is opened
-  if none is idle);
+  idle connection: ``pg_is_in_recovery()``, whether it streamed WAL as a
+  standby since it started (``pg_last_wal_receive_lsn()`` is not NULL: a
+  promoted standby, not a standalone server) and its WAL position (replica
+  lag, when ``max_replica_lag`` is set: then a connection is opened if none
+  is idle). The balancer's role rules decide what that means for the
+  writes. A connection is also opened, if none is idle, for the acting
+  primary of a shard where a replica left recovery (is the primary really
+  still there?) and for a replaced primary (has it come back, as a standby
+  or not?);
 - while a shard has no primary that answers (its checkout failed, or every
   server reports it is in recovery) every address of the shard is checked on
   every tick, opening connections as needed, until one reports it is a
   primary.
 
-A failed check bans a replica; the primary is never banned.
+A failed check bans a replica; the acting primary is never banned.
 """
 
 from twisted.internet import defer
@@ -24,8 +29,11 @@ from twisted.logger import Logger
 log = Logger()
 
 CHECK_SQL = ("SELECT pg_is_in_recovery(), CASE WHEN pg_is_in_recovery() "
-             "THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END")
-RECOVERY_SQL = "SELECT pg_is_in_recovery()"
+             "THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END, "
+             "pg_last_wal_receive_lsn() IS NOT NULL")
+# At a new connection whose login did not settle the question: in
+# recovery? streamed WAL as a standby since it started?
+RECOVERY_SQL = "SELECT pg_is_in_recovery(), pg_last_wal_receive_lsn() IS NOT NULL"
 
 
 def parse_lsn(text):
@@ -40,14 +48,15 @@ def parse_lsn(text):
 
 
 def parse_check(results):
-    """-> (in_recovery, lsn) from CHECK_SQL's results."""
+    """-> (in_recovery, lsn, streamed) from CHECK_SQL's results."""
     r = results[0]
     if r.error:
         raise ValueError(r.error.get("M", "health check query failed"))
     if not r.rows:
         raise ValueError("health check returned no row")
     row = r.rows[0]
-    return row[0] == "t", parse_lsn(row[1] if len(row) > 1 else None)
+    return (row[0] == "t", parse_lsn(row[1] if len(row) > 1 else None),
+            len(row) > 2 and row[2] == "t")
 
 
 class HealthMonitor:
@@ -79,6 +88,7 @@ class HealthMonitor:
             # The primary first: replica lag is measured against its position.
             order = pools if primary is None else [primary] + [p for p in pools
                                                                 if p is not primary]
+            contested = shard in bal.contested
             for pool in order:
                 h = pool.health
                 if h.checking or pool.closed:
@@ -88,7 +98,8 @@ class HealthMonitor:
                         self.probe(pool)
                 elif discovering or (multi and self.interval and (
                         h.last_check is None or now - h.last_check >= self.interval - 1e-6)):
-                    self.check(pool, open_one=discovering or bal.max_lag is not None)
+                    self.check(pool, open_one=discovering or bal.max_lag is not None
+                               or h.displaced or (contested and pool is primary))
 
     def connections(self):
         """Probe connections open outside the pools."""
@@ -123,12 +134,12 @@ class HealthMonitor:
 
         def ran(results):
             try:
-                in_recovery, lsn = parse_check(results)
+                in_recovery, lsn, streamed = parse_check(results)
             except Exception:
                 pool.discard(conn)
                 raise
             pool.release(conn, used=False)
-            return pool, in_recovery, lsn
+            return pool, in_recovery, lsn, streamed
 
         def failed(f):
             pool.discard(conn)
@@ -137,12 +148,12 @@ class HealthMonitor:
         return d.addCallbacks(ran, failed)
 
     def _checked(self, result):
-        pool, in_recovery, lsn = result
-        self.observe(pool, in_recovery, lsn)
+        pool, in_recovery, lsn, streamed = result
+        self.observe(pool, in_recovery, lsn, streamed)
 
-    def observe(self, pool, in_recovery, lsn=None):
+    def observe(self, pool, in_recovery, lsn=None, streamed=False):
         bal = self.balancer
-        bal.set_role(pool, in_recovery)
+        bal.set_role(pool, in_recovery, streamed)
         shard = pool.shard.index
         if not in_recovery and pool is bal.primary(shard) and shard in bal.discovering:
             bal.discovering.discard(shard)
@@ -197,24 +208,25 @@ class HealthMonitor:
 
         def ran(results):
             try:
-                in_recovery, lsn = parse_check(results)
+                in_recovery, lsn, streamed = parse_check(results)
             except Exception:
                 self._extra.discard(conn)
                 conn.close()
                 raise
-            return conn, in_recovery, lsn
+            return conn, in_recovery, lsn, streamed
 
         return d.addCallbacks(ran, failed)
 
     def _probe_ok(self, result, pool):
-        conn, in_recovery, lsn = result
+        conn, in_recovery, lsn, streamed = result
         self._extra.discard(conn)
         if self.closed or pool.closed:
             conn.close()
             return
         bal = self.balancer
-        bal.unban(pool, "answers its health probe: back in rotation")
-        self.observe(pool, in_recovery, lsn)
+        bal.unban(pool, "answers its health probe" if pool.health.displaced
+                  else "answers its health probe: back in rotation")
+        self.observe(pool, in_recovery, lsn, streamed)
         pool.adopt(conn)
 
     def _probe_failed(self, f, pool):

@@ -8,16 +8,18 @@ import random
 
 from twisted.internet import defer
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from pgcat_tw import balancer as balancer_mod
 from pgcat_tw.backend import QueryResult
-from pgcat_tw.cluster import UserPool
+from pgcat_tw.cluster import Cluster, UserPool
 from pgcat_tw.config import parse
 from pgcat_tw.errors import PoolTimeout, ServerConnectionFailed
+from pgcat_tw.health import RECOVERY_SQL
 
 
-def toml(general="", pool=""):
+def toml(general="", pool="", roles=("primary", "replica", "replica")):
     if "ban_time" not in general:
         general += "\nban_time = 60"
     return f"""
@@ -34,19 +36,21 @@ password = "p"
 pool_size = 2
 [pools.app.shards.0]
 database = "db"
-servers = [["10.0.0.1", 5432, "primary"], ["10.0.0.2", 5432, "replica"],
-           ["10.0.0.3", 5432, "replica"]]
+servers = [["10.0.0.1", 5432, "{roles[0]}"], ["10.0.0.2", 5432, "{roles[1]}"],
+           ["10.0.0.3", 5432, "{roles[2]}"]]
 """
 
 
 class FakeServer:
     """What one address answers: up or down (refuses), hanging (never
-    answers), in recovery or not, its WAL position."""
+    answers), in recovery or not, whether it streamed WAL as a standby since
+    it started (pg_last_wal_receive_lsn() not NULL), its WAL position."""
 
     def __init__(self, in_recovery):
         self.up = True
         self.hang = False
         self.in_recovery = in_recovery
+        self.streamed = in_recovery
         self.lsn = 0
         self.connects = 0
         self.checks = 0
@@ -74,7 +78,8 @@ class FakeConn:
         self.params["in_hot_standby"] = "on" if s.in_recovery else "off"
         r = QueryResult()
         lsn = f"{s.lsn >> 32:X}/{s.lsn & 0xFFFFFFFF:X}"
-        r.rows = [("t" if s.in_recovery else "f", lsn)]
+        rec, streamed = ("t" if s.in_recovery else "f"), ("t" if s.streamed else "f")
+        r.rows = [(rec, streamed) if queries == [RECOVERY_SQL] else (rec, lsn, streamed)]
         r.tag = "SELECT 1"
         return defer.succeed([r])
 
@@ -83,12 +88,12 @@ class FakeConn:
 
 
 class Base(SynchronousTestCase):
-    def make(self, general="", pool="", seed=1):
+    def make(self, general="", pool="", seed=1, roles=("primary", "replica", "replica")):
         balancer_mod._random = random.Random(seed).random
         self.addCleanup(setattr, balancer_mod, "_random", random.random)
         self.clock = Clock()
         self.clock.advance(1000)
-        config, warnings = parse(toml(general, pool))
+        config, warnings = parse(toml(general, pool, roles))
         self.assertEqual(warnings, [])
         pool_cfg = config.pools[0]
         self.up = UserPool(self.clock, config, pool_cfg, pool_cfg.users[0])
@@ -346,10 +351,13 @@ class HealthCheckTests(Base):
 class RoleDiscoveryTests(Base):
     def test_role_reported_at_connect(self):
         self.make()
-        self.servers[self.R2].in_recovery = False  # promoted before we connected
+        self.servers[self.R2].in_recovery = False  # not in recovery when we connected
         self.warm(self.R2)
         self.assertEqual(self.R2.health.role, "primary")
-        self.assertEqual(self.bal.route(0, "primary", False), (self.R2,))
+        # The configured primary answers for all we know: it keeps the
+        # writes; R2 serves reads (the role rules: RoleRuleTests).
+        self.assertEqual(self.bal.route(0, "primary", False), (self.P,))
+        self.assertEqual(self.bal.route(0, "replica", False), (self.R1, self.R2))
 
     def test_promoted_replica_takes_writes_former_primary_none(self):
         self.make(general="healthcheck_interval = 1000")
@@ -366,16 +374,16 @@ class RoleDiscoveryTests(Base):
         self.assertEqual(self.bal.route(0, "replica", False), (self.P, self.R2))
         self.assertEqual(self.P.health.effective_role, "replica")
 
-    def test_newest_primary_wins_split_brain(self):
+    def test_promoted_while_primary_answers_primary_keeps_writes(self):
         self.make(general="healthcheck_interval = 1000")
         self.warm(self.P)
         self.warm(self.R1)
         self.tick()
         self.servers[self.R1].in_recovery = False  # promoted, old primary still up
         self.tick()
-        self.assertEqual(self.bal.route(0, "primary", False), (self.R1,))
-        # The old primary serves nothing while it claims to be a primary.
-        self.assertNotIn(self.P, self.bal.route(0, "any", False))
+        # Never two primaries: the one that answers keeps the writes.
+        self.assertEqual(self.bal.route(0, "primary", False), (self.P,))
+        self.assertIn(self.R1, self.bal.route(0, "replica", False))
 
     def test_discovery_when_primary_fails(self):
         self.make(general="healthcheck_interval = 0")
@@ -401,6 +409,303 @@ class RoleDiscoveryTests(Base):
         self.assertIn(0, self.bal.discovering)
         err = self.bal.unavailable_error(0, "primary", False)
         self.assertIn("no primary", err.message)
+
+
+P_ADDR, R1_ADDR, R2_ADDR = "10.0.0.1:5432", "10.0.0.2:5432", "10.0.0.3:5432"
+
+
+def warnings_about(logs, addr):
+    """The warning lines (formatted) that name ``addr``."""
+    texts = [formatEvent(e) for e in logs if getattr(e.get("log_level"), "name", "") == "warn"]
+    return [t for t in texts if addr in t]
+
+
+class RoleRuleTests(Base):
+    """Issue 13: the configured roles are the truth until a failover shows
+    otherwise (balancer module docstring, "Roles")."""
+
+    def make_all(self, general="healthcheck_interval = 1000", standalone=None, **kw):
+        """Every server connected and checked once; ``standalone``: the
+        index of a replica that is a standalone server (not in recovery,
+        never was)."""
+        self.make(general=general, **kw)
+        if standalone is not None:
+            server = self.servers[self.up.address_pools[standalone]]
+            server.in_recovery = server.streamed = False
+        for p in (self.P, self.R1, self.R2):
+            self.warm(p)
+        self.tick()
+
+    def start_with_primary_down(self):
+        """Started while the configured primary is unreachable; R1 is a
+        standalone server."""
+        self.make(general="healthcheck_interval = 1000")
+        self.servers[self.R1].in_recovery = self.servers[self.R1].streamed = False
+        self.servers[self.P].up = False
+        self.up.server_failed(self.P, ServerConnectionFailed("Connection refused"))
+        self.tick()
+
+    def assert_primary(self, pool):
+        route = self.bal.route(0, "primary", False)
+        self.assertEqual(route, (pool,) if pool is not None else ())
+
+    def fail_primary(self):
+        """The primary goes away; its next check fails."""
+        self.servers[self.P].up = False
+        self.tick()
+
+    # --- a standalone server configured as a replica ---------------------------------
+
+    def test_standalone_replica_stays_replica_with_one_warning(self):
+        with capturedLogs() as logs:
+            self.make_all(standalone=1)
+            for _ in range(4):
+                self.tick()
+        self.assertGreater(self.servers[self.R1].checks, 3)
+        self.assert_primary(self.P)
+        self.assertEqual(self.bal.route(0, "replica", False), (self.R1, self.R2))
+        warned = warnings_about(logs, R1_ADDR)
+        self.assertEqual(len(warned), 1, warned)
+        self.assertIn("never seen in recovery", warned[0])
+        self.assertIn("stays a replica", warned[0])
+        self.assertFalse([e for e in logs if "is now a" in formatEvent(e)])
+        # It is a replica: a failure bans it (the primary is never banned).
+        self.assertTrue(self.bal.ban(self.R1, "x"))
+        self.assertEqual(self.bal.route(0, "replica", False), (self.R2,))
+
+    def test_standalone_replica_does_not_take_over_a_failed_primary(self):
+        self.make_all(standalone=1)
+        with capturedLogs() as logs:
+            self.fail_primary()
+            for _ in range(3):
+                self.tick()
+        # Writes still go to the configured primary (and get its error).
+        self.assert_primary(self.P)
+        self.assertIn(0, self.bal.discovering)
+        last = ServerConnectionFailed("could not connect to server 10.0.0.1: refused")
+        err = self.bal.unavailable_error(0, "primary", False, last)
+        self.assertIn("refused", err.message)
+        self.assertIn(f"{R1_ADDR} is not in recovery but never seen leaving it", err.message)
+        self.assertEqual(len(warnings_about(logs, R1_ADDR)), 1)
+        # A real promotion of R2 takes over; R1 stays a replica.
+        self.servers[self.R2].in_recovery = False
+        self.tick()
+        self.assert_primary(self.R2)
+        self.assertEqual(self.bal.route(0, "replica", False), (self.R1,))
+
+    def test_shard_without_configured_primary_gets_no_writes_from_a_standalone(self):
+        self.make("healthcheck_interval = 1000", roles=("replica", "replica", "replica"))
+        self.servers[self.P].in_recovery = self.servers[self.P].streamed = False
+        for p in (self.P, self.R1, self.R2):
+            self.warm(p)
+        self.tick()
+        self.assert_primary(None)
+        self.assertEqual(self.bal.route(0, "replica", False), (self.P, self.R1, self.R2))
+        err = self.bal.unavailable_error(0, "primary", False)
+        self.assertIn(f"{P_ADDR} is not in recovery but never seen leaving it", err.message)
+
+    # --- promotion -------------------------------------------------------------------------
+
+    def test_promotion_waits_until_the_primary_is_gone(self):
+        self.make_all()
+        with capturedLogs() as logs:
+            self.servers[self.R1].in_recovery = False   # pg_ctl promote
+            for _ in range(3):
+                self.tick()
+        self.assert_primary(self.P)
+        self.assertIn(self.R1, self.bal.route(0, "replica", False))
+        warned = warnings_about(logs, R1_ADDR)
+        self.assertEqual(len(warned), 1, warned)
+        self.assertIn("left recovery", warned[0])
+        with capturedLogs() as logs:
+            self.fail_primary()
+        self.assert_primary(self.R1)
+        # The old primary (gone, last seen as a primary) serves nothing.
+        self.assertEqual(self.bal.route(0, "any", False), (self.R2, self.R1))
+        self.assertEqual([formatEvent(e) for e in logs if "is now a" in formatEvent(e)],
+                         [f'pool "app" user "u": server {R1_ADDR} is now a primary (was '
+                          'replica): routing follows'])
+
+    def test_promotion_when_the_primary_enters_recovery(self):
+        self.make_all()
+        self.servers[self.P].in_recovery = True      # demoted: a standby now
+        self.tick()
+        self.assert_primary(None)
+        self.servers[self.R2].in_recovery = False    # promoted
+        self.tick()
+        self.assert_primary(self.R2)
+        self.assertEqual(self.bal.route(0, "replica", False), (self.P, self.R1))
+
+    def test_contested_primary_is_checked_on_a_new_connection(self):
+        self.make_all()
+        for conn in list(self.P.idle):     # no idle connection left to check
+            self.P.discard(conn)
+        self.servers[self.R1].in_recovery = False
+        self.tick()
+        self.assertIn(0, self.bal.contested)
+        connects = self.servers[self.P].connects
+        self.servers[self.P].up = False
+        self.tick()
+        self.assertGreater(self.servers[self.P].connects, connects)
+        self.assert_primary(self.R1)
+        self.assertNotIn(0, self.bal.contested)
+
+    def test_standby_that_streamed_counts_as_promoted(self):
+        """A promoted standby the pooler never saw in recovery: it says it
+        streamed WAL since it started (pg_last_wal_receive_lsn())."""
+        self.make(general="healthcheck_interval = 1000")
+        self.warm(self.P)
+        self.tick()
+        self.servers[self.R1].in_recovery = False    # promoted, never contacted
+        self.servers[self.P].up = False
+        self.up.server_failed(self.P, ServerConnectionFailed("Connection refused"))
+        self.tick()   # every server is asked
+        self.assert_primary(self.R1)
+        self.assertNotIn(0, self.bal.discovering)
+
+    def test_two_replicas_left_recovery_no_guess(self):
+        self.make_all()
+        self.servers[self.R1].in_recovery = False
+        self.servers[self.R2].in_recovery = False
+        self.tick()
+        self.assert_primary(self.P)
+        with capturedLogs() as logs:
+            self.fail_primary()
+            self.tick()
+        self.assert_primary(self.P)  # gone, and nobody qualifies alone
+        last = ServerConnectionFailed("could not connect: refused")
+        err = self.bal.unavailable_error(0, "primary", False, last)
+        self.assertIn(f"{R1_ADDR}, {R2_ADDR} are all left recovery: not choosing one",
+                      err.message)
+        noted = [formatEvent(e) for e in logs if "no server takes over" in formatEvent(e)]
+        self.assertEqual(len(noted), 1, noted)
+        # One of them rejoins as a standby: the other takes over.
+        self.servers[self.R2].in_recovery = True
+        self.tick()
+        self.assert_primary(self.R1)
+
+    # --- split brain ------------------------------------------------------------------------
+
+    def test_former_primary_back_not_in_recovery_gets_nothing(self):
+        self.make_all(general="healthcheck_interval = 1000\nban_probe_interval = 1000")
+        self.fail_primary()
+        self.servers[self.R1].in_recovery = False
+        self.tick()
+        self.assert_primary(self.R1)
+        with capturedLogs() as logs:
+            self.servers[self.P].up = True   # back, still a standalone primary
+            for _ in range(6):
+                self.tick()
+                self.assertEqual(self.bal.route(0, "primary", False), (self.R1,))
+        self.assertEqual(self.P.health.role, "primary")   # it answered
+        self.assertFalse(self.P.health.banned)
+        for role in ("replica", "any"):
+            self.assertNotIn(self.P, self.bal.route(0, role, False))
+            self.assertNotIn(self.P, self.bal.route(0, role, True))
+        warned = [w for w in warnings_about(logs, P_ADDR) if "former primary" in w]
+        self.assertEqual(len(warned), 1, warnings_about(logs, P_ADDR))
+        self.assertIn("split brain", warned[0])
+        self.assertIn(R1_ADDR, warned[0])
+        # The new primary dies too: the former one still gets nothing.
+        self.servers[self.R1].up = False
+        self.tick()
+        self.tick()
+        self.assert_primary(self.R1)
+        self.assertNotIn(self.P, self.bal.route(0, "any", False))
+        self.servers[self.R1].up = True
+        self.tick()
+        # It rejoins as a standby (pg_rewind): a replica like the others.
+        self.servers[self.P].in_recovery = True
+        self.tick()
+        self.assertEqual(self.bal.route(0, "replica", False), (self.P, self.R2))
+        self.assert_primary(self.R1)
+
+    # --- started after a failover -----------------------------------------------------------
+
+    def start_after_failover(self, r1_out=True, r2_out=False):
+        self.make(general="healthcheck_interval = 1000")
+        self.servers[self.P].in_recovery = True      # rejoined as a standby
+        for r, out in ((self.R1, r1_out), (self.R2, r2_out)):
+            self.servers[r].in_recovery = not out
+            self.servers[r].streamed = False         # e.g. restarted since
+        self.warm(self.P)
+
+    def test_started_after_failover_the_only_server_out_of_recovery_takes_over(self):
+        self.start_after_failover()
+        self.assert_primary(None)
+        err = self.bal.unavailable_error(0, "primary", False)
+        self.assertIn("waiting for", err.message)
+        self.warm(self.R1)
+        self.assert_primary(None)   # R2 has not reported yet
+        self.warm(self.R2)
+        self.assert_primary(self.R1)
+        self.assertEqual(self.bal.route(0, "replica", False), (self.P, self.R2))
+        # Once it answered as the primary, that rule is over: a standalone
+        # server would not take over from it.
+        self.assertIn(0, self.bal.confirmed)
+
+    def test_started_after_failover_two_candidates_no_primary(self):
+        self.start_after_failover(r2_out=True)
+        self.warm(self.R1)
+        self.warm(self.R2)
+        self.tick()
+        self.assert_primary(None)
+        self.assertIsNone(self.bal.choose(0, "primary", False))
+        err = self.bal.unavailable_error(0, "primary", False)
+        self.assertIn("no primary is available for shard 0", err.message)
+        self.assertIn(f"{R1_ADDR}, {R2_ADDR} are all not in recovery while {P_ADDR} is",
+                      err.message)
+        # Both serve reads meanwhile.
+        self.assertEqual(self.bal.route(0, "replica", False), (self.P, self.R1, self.R2))
+
+    def test_started_with_primary_unreachable_is_no_proof(self):
+        self.start_with_primary_down()
+        self.tick()
+        self.assertEqual(self.R1.health.role, "primary")
+        self.assert_primary(self.P)
+        # It comes back as the primary it was (a restart): nothing changed.
+        self.servers[self.P].up = True
+        self.tick()
+        self.assert_primary(self.P)
+        self.assertNotIn(0, self.bal.discovering)
+        self.assertIn(self.R1, self.bal.route(0, "replica", False))
+
+    def test_started_with_primary_unreachable_then_back_as_standby(self):
+        self.start_with_primary_down()
+        self.assert_primary(self.P)
+        self.servers[self.P].up = True
+        self.servers[self.P].in_recovery = True   # that proves the failover
+        self.tick()
+        self.assert_primary(self.R1)
+
+    # --- reload -------------------------------------------------------------------------------
+
+    def test_reload_keeps_what_was_learned_when_the_servers_are_unchanged(self):
+        clock = Clock()
+        config, _ = parse(toml())
+        old = Cluster(clock, config)
+        bal = old.user_pools[("app", "u")].balancer
+        P, R1, R2 = bal.pools
+        for p in (P, R1, R2):
+            bal.set_role(p, p is not P)
+        bal.server_down(P)
+        bal.set_role(R1, False)
+        self.assertIs(bal.primary(0), R1)
+        # Another pool setting changed: a new UserPool, same servers.
+        config2, _ = parse(toml(pool='default_role = "replica"'))
+        new = Cluster(clock, config2, previous=old)
+        nbal = new.user_pools[("app", "u")].balancer
+        self.assertIsNot(nbal, bal)
+        self.assertEqual(nbal.route(0, "primary", False), (nbal.pools[1],))
+        self.assertNotIn(nbal.pools[0], nbal.route(0, "any", False))
+        # The roles changed in the file: the file is the truth again.
+        config3, _ = parse(toml(roles=("replica", "primary", "replica")))
+        newer = Cluster(clock, config3, previous=new)
+        b3 = newer.user_pools[("app", "u")].balancer
+        self.assertEqual(b3.route(0, "primary", False), (b3.pools[1],))
+        self.assertEqual(b3.route(0, "replica", False), (b3.pools[0], b3.pools[2]))
+        for c in (old, new, newer):
+            c.close()
 
 
 class LagTests(Base):
