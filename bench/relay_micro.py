@@ -31,7 +31,7 @@ from pgcat_tw.backend import ServerConnection  # noqa: E402
 from pgcat_tw.cancel import CancelKeys  # noqa: E402
 from pgcat_tw.cluster import Cluster  # noqa: E402
 from pgcat_tw.config import parse  # noqa: E402
-from pgcat_tw.frontend import ClientFactory  # noqa: E402
+from pgcat_tw.frontend import ClientFactory, Session  # noqa: E402
 from pgcat_tw.protocol import messages as m  # noqa: E402
 
 CONFIG = """
@@ -79,10 +79,7 @@ def build(n_clients=1):
         client = factory.buildProtocol(None)
         ct = StringTransport()
         client.makeConnection(ct)
-        client.user, client.database, client.user_pool = "u", "db", up
-        client.transaction_mode = True
-        client.params = dict(PARAMS)
-        client._enter_work_phase()
+        client._enter_work_phase(Session("u", "db", user_pool=up, params=dict(PARAMS)))
         clients.append((client, ct))
     if n_clients == 1:
         return clients[0][0], clients[0][1], server, st, pool

@@ -8,9 +8,14 @@ idle      in its pool; anything but async notices here means trouble.
 relay     bound to a client: chunks are scanned and forwarded (relay.py).
 internal  the pooler's own queries (parameter sync, reset, rollback).
 
-The connection never imports the pool: it reports its death through
-``self.pool.connection_lost(self)`` and its owner (a bound client) through
-``client.server_lost(self, reason)``.
+The connection never imports the pool or the client side: it reports its
+death through ``self.pool.connection_lost(self)``, and it calls the client
+it is bound to only through the members ``IBoundClient`` lists. Binding is
+done by the client (``frontend.ClientProtocol._got_server``, inline: it is
+the hot path); letting go is ``unbind``, the one place it is done. Putting
+a server back in shape for the next client (ROLLBACK, DISCARD ALL, or
+everything but the shared prepared statements) is ``reset_query``,
+``reset_and_release`` and ``client_left``.
 """
 
 import socket
@@ -20,7 +25,7 @@ from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from zope.interface import alsoProvides
+from zope.interface import Attribute, Interface, alsoProvides
 
 from pgcat_tw.auth import md5 as md5_auth
 from pgcat_tw.auth.scram import ScramClientExchange, is_scram_secret
@@ -29,10 +34,45 @@ from pgcat_tw.protocol import codes
 from pgcat_tw.protocol import messages as m
 from pgcat_tw.protocol.framing import FramingError, MessageBuffer
 from pgcat_tw.prepared import apply_edits
-from pgcat_tw.relay import ServerScanner, detach_producer, registered_producer, writer_for
+from pgcat_tw.relay import ServerScanner, detach_producer, writer_for
 from pgcat_tw.tls import describe_handshake_failure
 
 log = Logger()
+
+RESET_TIMEOUT = 10.0     # seconds for SET / ROLLBACK / DISCARD ALL before the server is closed
+
+# Everything DISCARD ALL does but DEALLOCATE ALL (shared prepared statements stay).
+KEEP_STATEMENTS_RESET = ("CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; "
+                         "UNLISTEN *; SELECT pg_advisory_unlock_all(); DISCARD TEMP; "
+                         "DISCARD SEQUENCES")
+
+
+class IBoundClient(Interface):
+    """What a ServerConnection uses of the client it is bound to
+    (``frontend.ClientProtocol``), and nothing else. While bound, the
+    server's scanner also holds the client's ``ClientScanner``
+    (``scanner.client``: ``pending``, ``unsynced``, ``in_copy``, ``state``,
+    ``params``, ``last_extended``, ``since_exec``, ``in_copy_ext``)."""
+
+    transaction_mode = Attribute("True: the server goes back at the end of each transaction")
+    draining = Attribute("True: the client is closed after its current transaction")
+    request_chunks = Attribute(
+        "What the client sent since the server was bound, kept for a re-send "
+        "elsewhere (a list), or None; the server sets it to None at the first "
+        "answer that is not a standby's shutdown error")
+
+    def release_server(server):
+        """The server answered everything and is idle: take it back
+        (transaction mode, or a draining client)."""
+
+    def dying_server(server, data):
+        """The first answer chunk to a re-sendable request starts with an
+        ErrorResponse: True if it is a standby's FATAL shutdown error and
+        the client let go of the server (the request goes elsewhere)."""
+
+    def server_lost(server):
+        """The server connection died while bound (the server has already
+        let go of the client: ``unbind``)."""
 
 
 class QueryResult:
@@ -279,19 +319,24 @@ class ServerConnection(Protocol):
     # --- relay ------------------------------------------------------------------
 
     def unbind(self):
+        """Let go of the bound client: the one place it is done (a release
+        at the end of a transaction, a client that left, a server that died
+        or is dying). Producer registrations between the two transports
+        (made only when a write had to be buffered) are undone and the
+        peer resumed, unless its connection is going away."""
         ct = self._client_transport
         st = self.transport
         self.client = None
         self.scanner.client = None
         self._write_client = None
         self._client_transport = None
-        # Writers register producers only when a write had to be buffered.
+        if not self.closed:
+            self.state = "idle"
+        self.dataReceived = self._idle_data
         if getattr(ct, "producer", None) is not None:
             detach_producer(ct, st)
         if getattr(st, "producer", None) is not None:
             detach_producer(st, ct)
-        self.state = "idle"
-        self.dataReceived = self._idle_data
 
     def _relay_data(self, data):
         sc = self.scanner
@@ -488,19 +533,61 @@ class ServerConnection(Protocol):
                     f"server {self.host}:{self.port} closed the connection"))
         client = self.client
         if client is not None:
-            self.unbind_quietly()
+            self.unbind()
             client.server_lost(self)
         if self.pool is not None:
             self.pool.connection_lost(self)
 
-    def unbind_quietly(self):
-        ct = self._client_transport
-        self.client = None
-        self.scanner.client = None
-        self._client_transport = None
-        if ct is not None and registered_producer(ct) is self.transport:
-            ct.unregisterProducer()
-        self.dataReceived = self._idle_data
+    # --- back to the pool, in shape -------------------------------------------------
+
+    def reset_query(self, transaction_mode):
+        """DISCARD ALL, except on a server holding shared prepared statements
+        (transaction mode with a cache), where everything but them is reset."""
+        if self.stmts is not None and transaction_mode:
+            return KEEP_STATEMENTS_RESET
+        if self.stmts is not None:
+            self.stmts.clear()
+        return "DISCARD ALL"
+
+    def reset_and_release(self, queries):
+        """Run ``queries`` (ROLLBACK, a reset), then go back to the pool; a
+        failure, or a transaction still open after them, closes the server
+        instead: it is never handed out dirty."""
+        pool = self.pool
+        d = self.run(queries, timeout=RESET_TIMEOUT)
+
+        def done(results):
+            if any(r.error for r in results) or self.scanner.tx_status != codes.TX_IDLE:
+                pool.discard(self)
+            else:
+                self.scanner.dirty = False
+                pool.release(self)
+
+        def failed(f):
+            pool.discard(self)
+
+        d.addCallbacks(done, failed)
+
+    def client_left(self, cs, transaction_mode, needs_reset):
+        """The bound client went away (``cs``: its ClientScanner). Roll back
+        an open transaction and reset what it left behind, or close the
+        server if it may be mid-answer (never guess where a half-read
+        result ends)."""
+        self.unbind()
+        ss = self.scanner
+        if not (ss.at_boundary and cs.at_boundary and cs.pending <= 0 and not cs.unsynced
+                and not cs.in_copy):
+            self.pool.discard(self)
+            return
+        queries = []
+        if ss.tx_status != codes.TX_IDLE:
+            queries.append("ROLLBACK")
+        if needs_reset:
+            queries.append(self.reset_query(transaction_mode))
+        if queries:
+            self.reset_and_release(queries)
+        else:
+            self.pool.release(self)
 
 
 def _decode_row(body):

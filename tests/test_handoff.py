@@ -15,7 +15,7 @@ from pgcat_tw.backend import ServerConnection
 from pgcat_tw.cancel import CancelKeys
 from pgcat_tw.cluster import Cluster
 from pgcat_tw.config import parse
-from pgcat_tw.frontend import ClientFactory
+from pgcat_tw.frontend import ClientFactory, Session
 from pgcat_tw.protocol import messages as m
 
 CONFIG = """
@@ -76,10 +76,7 @@ class HandOffTests(SynchronousTestCase):
         for name in ("a", "b"):
             client = factory.buildProtocol(None)
             client.makeConnection(LoggedTransport(name, self.log))
-            client.user, client.database, client.user_pool = "u", "db", up
-            client.transaction_mode = True
-            client.params = dict(PARAMS)
-            client._enter_work_phase()
+            client._enter_work_phase(Session("u", "db", user_pool=up, params=dict(PARAMS)))
             self.clients.append(client)
         del self.log[:]
 

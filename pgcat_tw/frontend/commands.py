@@ -1,0 +1,165 @@
+"""The SQL a client's work phase answers itself, without a server.
+
+- PgCat's custom commands between transactions (reference §4.1):
+  ``SET/SHOW SERVER ROLE``, ``SET/SHOW PRIMARY READS`` (router/custom.py).
+- Transaction mode: SQL-level ``PREPARE``/``EXECUTE`` refused (the statement
+  would meet another server later), ``DEALLOCATE`` answered for the client's
+  own statements when the pool shares prepared statements
+  (router/sql.py), ``DISCARD ALL`` also empties the client's view.
+- Transaction mode without a statement cache: a named Parse is refused
+  like PostgreSQL refuses a bad message, and everything up to the next Sync
+  is skipped (``_SyncFinder``).
+
+``Commands`` is a part of ``ClientProtocol`` (a mixin: these run on the
+client's own state, rarely, off the relay's hot path).
+"""
+
+import re
+import struct
+
+from pgcat_tw.errors import PgError
+from pgcat_tw.protocol import codes
+from pgcat_tw.protocol import messages as m
+from pgcat_tw.protocol.framing import SKIP, FramingError, Scanner, want_table
+from pgcat_tw.router import custom
+from pgcat_tw.router import sql as sqlcmd
+
+_LEN = struct.Struct("!i")
+# An anchored probe (no allocation): could this simple Query be ours?
+MAYBE_COMMAND = re.compile(rb"\s*(?:set|show|prepare|execute|deallocate|discard)\s",
+                           re.IGNORECASE)
+
+
+def whole_query(data):
+    """``data`` is exactly one simple Query message."""
+    return len(data) == 1 + _LEN.unpack_from(data, 1)[0]
+
+
+class _SyncFinder(Scanner):
+    """Finds where the next Sync ends, over chunks (skip-to-Sync after an error)."""
+
+    def __init__(self):
+        Scanner.__init__(self, want_table({"S": 1}, default=SKIP))
+        self.sync_end = -1
+
+    def feed(self, data):
+        self.sync_end = -1
+        try:
+            Scanner.feed(self, data)
+        except _SyncFound:
+            pass  # the finder is dropped once the Sync is found
+
+    def on_message(self, t, buf, start, end):
+        self.sync_end = end  # a Sync has an empty body: it ends where it starts
+        raise _SyncFound()
+
+
+class _SyncFound(Exception):
+    pass
+
+
+class Commands:
+    """Part of ClientProtocol: the SQL the pooler answers itself."""
+
+    _discard_until_sync = None  # a _SyncFinder while skipping to Sync after an error
+
+    def _answer_between_transactions(self, data):
+        """One whole simple Query, no server bound, nothing held: answer it
+        if it is one of ours. -> True if answered."""
+        cmd = custom.match(data, 5, len(data))
+        if cmd is not None:
+            self.scanner.pending -= 1
+            self._custom_command(*cmd)
+            return True
+        return self.transaction_mode and self._sql_command(data, False)
+
+    def _sql_command(self, data, bound):
+        """Transaction mode: SQL-level PREPARE/EXECUTE (refused: they would
+        meet another server later) and DEALLOCATE (answered for the client's
+        own statements). ``data`` is one whole Query; True if answered."""
+        cmd = sqlcmd.match(data, 5, len(data))
+        if cmd is None:
+            return False
+        kind, arg = cmd
+        if kind == "discard_all":
+            # The server runs it (and drops its statements, relay.py); the
+            # client's own view of its statements is emptied too.
+            if self.rewriter is not None:
+                self.rewriter.deallocate(None)
+            return False
+        sc = self.scanner
+        status = self.server.scanner.tx_status if bound else codes.TX_IDLE
+        if kind in ("prepare", "execute"):
+            err = PgError(
+                f"SQL {kind.upper()} is not supported in transaction pooling mode: the "
+                "statement would be prepared on one server connection and executed on "
+                "another",
+                sqlstate="0A000",
+                hint="use protocol-level prepared statements (enable "
+                     "prepared_statements_cache_size for this pool) or session mode")
+            reply = err.to_message()
+        elif self.rewriter is None:
+            return False  # no pooler-side statements: the server answers
+        else:
+            self.rewriter.deallocate(arg)
+            reply = m.command_complete("DEALLOCATE ALL" if arg is None else "DEALLOCATE")
+        sc.pending -= 1
+        self.transport.write(reply + m.ready_for_query(bytes((status,))))
+        return True
+
+    def _custom_command(self, cmd, arg):
+        """Answer one of PgCat's custom commands (reference §4.1)."""
+        pool_cfg = self.user_pool.pool_cfg
+        if cmd == "set_server_role":
+            self.role = pool_cfg.default_role if arg == "default" else arg
+            reply = m.command_complete("SET SERVER ROLE")
+        elif cmd == "show_server_role":
+            reply = (m.row_description([("server role", 25)]) + m.data_row([self.role])
+                     + m.command_complete("SELECT 1"))
+        elif cmd == "set_primary_reads":
+            self.primary_reads = (pool_cfg.primary_reads_enabled if arg == "default"
+                                  else arg == "on")
+            reply = m.command_complete("SET PRIMARY READS")
+        else:  # show_primary_reads
+            reply = (m.row_description([("primary reads", 25)])
+                     + m.data_row(["on" if self.primary_reads else "off"])
+                     + m.command_complete("SELECT 1"))
+        self.transport.write(reply + m.READY_IDLE)
+
+    def _reject_named_parse(self, data):
+        """Transaction mode without a statement cache: a named Parse cannot
+        work (the next transaction may land on another server)."""
+        err = PgError(
+            "named prepared statements need a prepared statement cache in transaction "
+            "pooling mode: set prepared_statements_cache_size > 0 for this pool "
+            "(or use session mode, or unnamed statements)",
+            sqlstate="0A000")
+        sc = self.scanner
+        if self.server is not None or self._checking_out or self._held \
+                or data[0] != codes.F_PARSE or not sc.at_boundary:
+            self._fatal(err)
+            return
+        # Like PostgreSQL after an error: answer, then skip to the next Sync.
+        self.transport.write(err.to_message())
+        sc.pending = 0
+        sc.unsynced = False
+        sc.named_parse = False
+        self._discard_until_sync = _SyncFinder()
+        self.dataReceived = self._discarding
+        self._discarding(data)
+
+    def _discarding(self, data):
+        finder = self._discard_until_sync
+        try:
+            finder.feed(data)
+        except FramingError as e:
+            self._protocol_error(e)
+            return
+        if finder.sync_end < 0:
+            return
+        rest = data[finder.sync_end:]
+        self._discard_until_sync = None
+        self.dataReceived = self._work_data
+        self.transport.write(m.READY_IDLE)
+        if rest:
+            self._work_data(rest)
