@@ -18,6 +18,7 @@ everything but the shared prepared statements) is ``reset_query``,
 ``reset_and_release`` and ``client_left``.
 """
 
+import itertools
 import socket
 
 from twisted.internet import defer
@@ -34,10 +35,13 @@ from pgcat_tw.protocol import codes
 from pgcat_tw.protocol import messages as m
 from pgcat_tw.protocol.framing import FramingError, MessageBuffer
 from pgcat_tw.prepared import apply_edits
+from pgcat_tw.stats import LiveClock
 from pgcat_tw.relay import ServerScanner, detach_producer, writer_for
 from pgcat_tw.tls import describe_handshake_failure
 
 log = Logger()
+
+_ids = itertools.count(1)
 
 RESET_TIMEOUT = 10.0     # seconds for SET / ROLLBACK / DISCARD ALL before the server is closed
 
@@ -118,8 +122,13 @@ def unwrap_endpoint_protocol(proto):
 
 
 class ServerConnection(Protocol):
-    def __init__(self, reactor, host, port, user, password, database, extra_params=None):
+    def __init__(self, reactor, host, port, user, password, database, extra_params=None,
+                 clock=None):
         self.reactor = reactor
+        self.id = next(_ids)          # for the admin console
+        # The time of the event being handled (stats.EventClock), for the
+        # statistics: an attribute read, not a call.
+        self.clock = clock if clock is not None else LiveClock(reactor.seconds)
         self.host = host
         self.port = port
         self.user = user
@@ -327,7 +336,12 @@ class ServerConnection(Protocol):
         ct = self._client_transport
         st = self.transport
         self.client = None
-        self.scanner.client = None
+        ss = self.scanner
+        cs = ss.client
+        if cs is not None:
+            # What the client sent while bound was sent to this server.
+            ss.sent += cs.received - ss.sent_mark
+            ss.client = None
         self._write_client = None
         self._client_transport = None
         if not self.closed:
@@ -368,6 +382,9 @@ class ServerConnection(Protocol):
             data = self._prepared_reply(data)
         if sc.rfq:
             sc.rfq = False
+            now = self.clock.now
+            sc.query_time += now - sc.query_start
+            sc.query_start = now
             cs = sc.client
             # Transaction mode: back to the pool once nothing the client sent
             # is unanswered (relay.ClientScanner.idle, inlined; state 0: at a
@@ -624,10 +641,12 @@ def quiet_factory(proto):
 
 
 def connect(reactor, host, port, user, password, database, timeout, extra_params=None,
-            keepalive=None, tls=None):
+            keepalive=None, tls=None, clock=None):
     """Connect and log in; fires with a ready ServerConnection.
-    ``tls``: the service's tls.TLSState (TLS is used when its server_tls is on)."""
-    proto = ServerConnection(reactor, host, port, user, password, database, extra_params)
+    ``tls``: the service's tls.TLSState (TLS is used when its server_tls is on);
+    ``clock``: the service's stats.EventClock."""
+    proto = ServerConnection(reactor, host, port, user, password, database, extra_params,
+                             clock)
     if keepalive is not None:
         proto.keepalive = keepalive
     if tls is not None:

@@ -17,6 +17,7 @@ from pgcat_tw.config import User, resolve
 from pgcat_tw.errors import ServerConnectionFailed
 from pgcat_tw.pool import ConnectionPool
 from pgcat_tw.prepared import StatementCache
+from pgcat_tw.stats import Averages, Totals
 
 log = Logger()
 
@@ -36,6 +37,7 @@ def set_parameter_sql(name, value):
 
 class UserPool:
     tls = None              # tls.TLSState of the service (server_tls)
+    clock = None            # stats.EventClock of the service (server connections use it)
     dynamic = False         # a user found through auth_query, not listed
     password_learned = False  # server_password came from auth_query
 
@@ -59,8 +61,10 @@ class UserPool:
         self.server_user = user_cfg.server_username or user_cfg.username
         self.server_password = (user_cfg.server_password if user_cfg.server_password is not None
                                 else user_cfg.password)
-        self.default_role = pool_cfg.default_role
-        self.primary_reads = pool_cfg.primary_reads_enabled
+        # Statistics: client logins (a login counts once it is greeted), the
+        # 15 s averages of the (pool, user).
+        self.logins = 0
+        self.averages = Averages(reactor.seconds())
         self.address_pools = []
         for shard in pool_cfg.shards:
             for addr in shard.servers:
@@ -85,7 +89,7 @@ class UserPool:
         def connect():
             d = backend.connect(self.reactor, addr.host, addr.port, self.server_user,
                                 self.server_password, shard.database, timeout,
-                                keepalive=self.keepalive, tls=self.tls)
+                                keepalive=self.keepalive, tls=self.tls, clock=self.clock)
             return d.addCallback(self._learn_role, pool)
 
         g = self.config.general
@@ -198,9 +202,19 @@ class UserPool:
                 self.reference_params = dict(conn.params)
         return self.reference_params
 
+    def current_totals(self):
+        """Statistics of this (pool, user): its addresses' and its logins."""
+        t = Totals()
+        for p in self.address_pools:
+            t.add(p.current_totals())
+        t.login_count = self.logins
+        return t
+
     def reap(self, now):
         for p in self.address_pools:
             p.reap(now)
+        if self.averages.due(now):
+            self.averages.tick(self.current_totals(), now)
         self.monitor.tick(now)
 
     def close(self):
@@ -221,7 +235,7 @@ def auth_query_user(pool_cfg, username):
 class Cluster:
     """Every UserPool of one Config."""
 
-    def __init__(self, reactor, config, previous=None, tls=None):
+    def __init__(self, reactor, config, previous=None, tls=None, clock=None):
         """``previous``: the Cluster being replaced by a reload; its UserPools
         whose pool section and general settings are unchanged are kept (with
         their connections), the others are closed by ``retire``.
@@ -229,6 +243,7 @@ class Cluster:
         self.reactor = reactor
         self.config = config
         self.tls = tls if tls is not None else getattr(previous, "tls", None)
+        self.clock = clock if clock is not None else getattr(previous, "clock", None)
         self.user_pools = {}
         keep = previous.user_pools if previous is not None else {}
         same_general = previous is not None and previous.config.general == config.general
@@ -246,6 +261,7 @@ class Cluster:
     def _new_user_pool(self, pool_cfg, user_cfg, old=None, dynamic=False):
         up = UserPool(self.reactor, self.config, pool_cfg, user_cfg)
         up.tls = self.tls
+        up.clock = self.clock
         up.dynamic = dynamic
         if old is not None:
             # A reload does not forget a failover (shards whose servers

@@ -44,6 +44,7 @@ _BUFSIZE = 65536  # their (class attribute) bufferSize, read once at install
 _AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR)
 _INTO = None  # read_into: the one receive buffer (a bytearray of _BUFSIZE)
 _INTO_VIEW = None  # ... and a memoryview of it
+_CLOCK = None  # stats.EventClock set after each poll (install's ``clock``)
 
 
 def _plain_tcp_classes():
@@ -91,6 +92,7 @@ def _fast_do_poll(self, timeout):
     read = os.read  # recv(2) without flags: the same as read(2) on a socket
     into = _INTO
     view = _INTO_VIEW
+    clock = _CLOCK
     while True:
         try:
             batch = poll(timeout, len(selectables))
@@ -98,6 +100,10 @@ def _fast_do_poll(self, timeout):
             if err.errno == errno.EINTR:
                 return
             raise
+        if clock is not None:
+            # The time of this round's events, for the statistics
+            # (stats.EventClock): one clock call per round, none per event.
+            clock.now = seconds()
         # Two passes when several connections are ready: reads on accepted
         # connections (a pooler's clients) wait until the others (its
         # servers' answers) are done, so a server whose transaction ended is
@@ -162,10 +168,11 @@ def _fast_do_poll(self, timeout):
             timeout = -1
 
 
-def install(reactor, read_into=None):
+def install(reactor, read_into=None, clock=None):
     """Use the lean dispatch loop on an EPollReactor; False if not applicable.
     ``read_into``: read into one reused buffer (see the module's docstring);
-    None: only on PyPy."""
+    None: only on PyPy. ``clock``: a stats.EventClock whose ``now`` is set
+    to the reactor's time after each poll."""
     try:
         from twisted.internet.epollreactor import EPollReactor
     except ImportError:  # pragma: no cover - not Linux
@@ -176,9 +183,11 @@ def install(reactor, read_into=None):
                  "_newTimedCalls", "_pendingTimedCalls", "_justStopped", "_started"):
         if not hasattr(reactor, attr):
             return False
+    global _PLAIN_TCP, _ACCEPTED, _BUFSIZE, _INTO, _INTO_VIEW, _CLOCK
     if getattr(reactor, "_pgcat_fastpoll", False):
+        if clock is not None:
+            _CLOCK = clock
         return True
-    global _PLAIN_TCP, _ACCEPTED, _BUFSIZE, _INTO, _INTO_VIEW
     from twisted.internet import tcp
 
     _PLAIN_TCP = _plain_tcp_classes()
@@ -191,6 +200,7 @@ def install(reactor, read_into=None):
         _INTO_VIEW = memoryview(_INTO)
     if not hasattr(reactor, "_disconnectSelectable"):
         return False
+    _CLOCK = clock
     reactor.doIteration = types.MethodType(_fast_do_poll, reactor)
     reactor._pgcat_fastpoll = True
     return True

@@ -28,6 +28,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from pgcat_tw.errors import PoolTimeout, ServerConnectionFailed
+from pgcat_tw.stats import Averages, Totals
 
 log = Logger()
 
@@ -67,6 +68,14 @@ class ConnectionPool:
         self.busy = set()
         self.connecting = 0
         self.closed = False
+        # PAUSE (admin console): no server is handed out or opened; servers
+        # that come back are closed; waiters wait without a timeout.
+        self.paused = False
+        self._halted = False   # closed or paused: release closes what comes back
+        # Statistics of this address (stats.Totals): each connection's
+        # counters are folded in when it goes away.
+        self.totals = Totals()
+        self.averages = Averages(reactor.seconds())
         self.last_connect_error = None
         self.on_new_connection = None  # callback(conn) after each successful login
         # Seconds an idle connection may rest before it must be health-checked
@@ -233,7 +242,7 @@ class ConnectionPool:
             busy.discard(conn)
             self._maybe_connect()
             return
-        if self.closed:
+        if self._halted:
             busy.discard(conn)
             conn.close()
             return
@@ -254,6 +263,16 @@ class ConnectionPool:
         busy.discard(conn)
         self.idle.append(conn)
 
+    def current_totals(self):
+        """This address's statistics with its open connections' counters
+        added (stats.Totals)."""
+        t = self.totals.copy()
+        for conn in list(self.idle) + list(self.busy):
+            ss = getattr(conn, "scanner", None)
+            if ss is not None:
+                t.add_connection(ss)
+        return t
+
     def discard(self, conn):
         """Close a connection that must not be reused (dirty, broken)."""
         self._forget(conn)
@@ -261,7 +280,12 @@ class ConnectionPool:
         self._maybe_connect()
 
     def connection_lost(self, conn):
+        """A connection of this pool closed (called once per connection):
+        forget it and keep its statistics."""
         self._forget(conn)
+        ss = getattr(conn, "scanner", None)
+        if ss is not None:
+            self.totals.add_connection(ss)
         self._maybe_connect()
 
     def _forget(self, conn):
@@ -298,6 +322,8 @@ class ConnectionPool:
         """Fail every waiter whose connect_timeout has passed (at most once
         per connect_timeout while clients wait: a scan is cheap then)."""
         self._timer = None
+        if self.paused:
+            return  # resume() gives every waiter a new deadline
         now = self.reactor.seconds()
         limit = now + 1e-9
         waiters = self.waiters
@@ -321,7 +347,7 @@ class ConnectionPool:
     def adopt(self, conn):
         """Take a logged-in connection made outside the pool (a health
         probe) if there is room; otherwise close it."""
-        if self.closed or self.total >= self.pool_size:
+        if self._halted or self.total >= self.pool_size:
             conn.close()
             return
         conn.pool = self
@@ -358,7 +384,7 @@ class ConnectionPool:
     # --- growth -----------------------------------------------------------------
 
     def _maybe_connect(self):
-        if self.closed:
+        if self._halted:
             return
         while len(self.waiters) > self.connecting and self.total < self.pool_size:
             self._start_connect()
@@ -372,7 +398,7 @@ class ConnectionPool:
         self.connecting -= 1
         self.last_connect_error = None
         conn.pool = self
-        if self.closed:
+        if self._halted:
             conn.close()
             return
         if self.on_new_connection is not None:
@@ -405,6 +431,8 @@ class ConnectionPool:
         min_pool_size connections open. Returns the number closed."""
         if self.healthcheck_delay is not None:
             self.stale_before = now - self.healthcheck_delay
+        if self.averages.due(now):
+            self.averages.tick(self.current_totals(), now)
         closed = 0
         keep = deque()
         open_count = self.total
@@ -419,13 +447,43 @@ class ConnectionPool:
             else:
                 keep.append(conn)
         self.idle = keep
-        if not self.closed:
+        if not self._halted:
             while self.total < min(self.min_pool_size, self.pool_size):
                 self._start_connect()
         return closed
 
+    # --- PAUSE / RESUME ----------------------------------------------------------
+
+    def pause(self):
+        """Hand out nothing, open nothing; close the idle servers now and the
+        busy ones as they come back. Queued and new clients wait (their
+        connect_timeout is suspended) until ``resume``."""
+        if self.closed or self.paused:
+            return
+        self.paused = self._halted = True
+        self._stop_timer()
+        while self.idle:
+            self.idle.popleft().close()
+
+    @property
+    def drained(self):
+        """Paused and no server connection left in use."""
+        return self.paused and not self.busy
+
+    def resume(self):
+        if not self.paused:
+            return
+        self.paused = False
+        self._halted = self.closed
+        now = self.reactor.seconds()
+        for w in self.waiters:
+            w.deadline = now + self.connect_timeout
+        if self.waiters and self._timer is None:
+            self._timer = self.reactor.callLater(self.connect_timeout, self._expire)
+        self._maybe_connect()
+
     def close(self):
-        self.closed = True
+        self.closed = self._halted = True
         self._stop_timer()
         while self.waiters:
             w = self.waiters.popleft()

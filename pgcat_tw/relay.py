@@ -158,7 +158,8 @@ _DIRTY_TAGS = {ord("S"): b"SET", ord("P"): b"PREPARE", ord("L"): b"LISTEN",
 
 class ClientScanner(Scanner):
     __slots__ = ("pending", "unsynced", "terminate_at", "last_extended", "since_exec",
-                 "in_copy", "in_copy_ext", "copy_ended", "named_parse", "params", "queries")
+                 "in_copy", "in_copy_ext", "copy_ended", "named_parse", "params", "queries",
+                 "received", "xacts", "errors")
 
     def __init__(self, max_len):
         Scanner.__init__(self, CLIENT_WANT, max_len)
@@ -173,7 +174,12 @@ class ClientScanner(Scanner):
         self.copy_ended = False   # CopyDone/CopyFail seen in this chunk
         self.named_parse = False  # a named Parse was sent (statement on server)
         self.params = ParameterValues()  # the client's tracked parameter values
+        # Statistics (stats.py): queries sent, bytes received from the client,
+        # transactions ended and errors of its servers while bound.
         self.queries = 0
+        self.received = 0
+        self.xacts = 0
+        self.errors = 0
 
     @property
     def idle(self):
@@ -190,6 +196,7 @@ class ClientScanner(Scanner):
         first body byte, a rare type) goes through the generic machinery
         and ``on_message``, with the same effect."""
         n = len(data)
+        self.received += n
         pos = 0
         if self.state != _NONE:
             pos = self._resume(data, n)
@@ -305,7 +312,9 @@ class ClientScanner(Scanner):
 
 
 class ServerScanner(Scanner):
-    __slots__ = ("client", "tx_status", "rfq", "params", "dirty", "errors", "stmts", "edits")
+    __slots__ = ("client", "tx_status", "rfq", "params", "dirty", "errors", "stmts", "edits",
+                 "rfqs", "xacts", "received", "sent", "sent_mark", "bound_at", "query_start",
+                 "query_time", "xact_time", "binds")
 
     def __init__(self):
         Scanner.__init__(self, SERVER_WANT)
@@ -314,9 +323,24 @@ class ServerScanner(Scanner):
         self.rfq = False          # a ReadyForQuery arrived in this chunk
         self.params = ParameterValues()  # the server's current reported parameters
         self.dirty = False        # session state left behind: reset before reuse
-        self.errors = 0
         self.stmts = None         # prepared.ServerStatements in prepared mode
         self.edits = []           # (header position, None=cut | new type) for this chunk
+        # Statistics (stats.py): requests answered (ReadyForQuery), transactions
+        # ended (ReadyForQuery 'I'), ErrorResponses, bytes from the server and
+        # to it (``sent``: folded in at unbind from the client's count since
+        # ``sent_mark``); times in seconds, from the EventClock: bound since,
+        # the current request since, the sums.
+        self.rfqs = 0
+        self.xacts = 0
+        self.errors = 0
+        self.received = 0
+        self.sent = 0
+        self.sent_mark = 0
+        self.bound_at = 0.0
+        self.query_start = 0.0
+        self.query_time = 0.0
+        self.xact_time = 0.0
+        self.binds = 0            # times it was handed to a client
 
     def use_prepared(self, stmts):
         self.stmts = stmts
@@ -381,6 +405,7 @@ class ServerScanner(Scanner):
         The loop is shaped for the messages nobody looks into (RowDescription,
         DataRow): one unpack, one table lookup, one length check, one add."""
         n = len(data)
+        self.received += n
         pos = 0
         if self.state != _NONE:
             pos = self._resume(data, n)
@@ -407,11 +432,16 @@ class ServerScanner(Scanner):
             if hend < end <= n:
                 # The whole message is in this chunk (the usual case).
                 if t == _Z and plain:
-                    self.tx_status = data[hend]
+                    status = self.tx_status = data[hend]
                     self.rfq = True
+                    self.rfqs += 1
                     client = self.client
                     if client is not None:
                         client.pending -= 1
+                    if status == 73:
+                        self.xacts += 1
+                        if client is not None:
+                            client.xacts += 1
                 elif t == _CC and (data[hend] not in _DIRTY_TAGS
                                    or data.startswith(b"SELECT", hend)):
                     pass  # SELECT, INSERT, ...: nothing to note
@@ -436,11 +466,16 @@ class ServerScanner(Scanner):
 
     def on_message(self, t, buf, start, end):
         if t == _Z:
-            self.tx_status = buf[start]
+            status = self.tx_status = buf[start]
             self.rfq = True
+            self.rfqs += 1
             client = self.client
             if client is not None:
                 client.pending -= 1
+            if status == 73:
+                self.xacts += 1
+                if client is not None:
+                    client.xacts += 1
             stmts = self.stmts
             if stmts is not None:
                 acks = stmts.acks
@@ -468,6 +503,9 @@ class ServerScanner(Scanner):
                 client.params[name] = value
         elif t == _ERR:
             self.errors += 1
+            client = self.client
+            if client is not None:
+                client.errors += 1
             if self.stmts is not None:
                 self._error_with_prepared(buf, start, end)
         elif t == _PARSE_DONE or t == _BIND_DONE or t == _CLOSE_DONE:

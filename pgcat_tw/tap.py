@@ -51,8 +51,13 @@ def makeService(options):
 
     from pgcat_tw import fastpoll
 
+    from pgcat_tw.stats import EventClock
+
     config, warnings = options.loaded
-    fastpoll.install(reactor)
-    svc = PgCatService(reactor, config, config_path=options["config"], warnings=warnings)
+    clock = EventClock(reactor.seconds())
+    if not fastpoll.install(reactor, clock=clock):
+        clock = None  # the service reads the reactor's time instead
+    svc = PgCatService(reactor, config, config_path=options["config"], warnings=warnings,
+                       clock=clock)
     reactor.callWhenRunning(svc.install_signals)
     return svc

@@ -26,10 +26,13 @@ epollreactor.install()
 from twisted.internet import reactor, protocol
 from twisted.logger import globalLogPublisher
 from pgcat_tw import fastpoll
+from pgcat_tw.stats import EventClock
 
 import os
 read_into = {"": None, "0": False, "1": True}[os.environ.get("FASTPOLL_READ_INTO", "")]
-result = {"installed": fastpoll.install(reactor, read_into=read_into), "round_trips": 0,
+clock = EventClock(0.0)
+result = {"installed": fastpoll.install(reactor, read_into=read_into, clock=clock),
+          "round_trips": 0,
           "ticks": [], "thread_call": False, "errors_logged": 0, "bad_closed": False,
           "order": [], "read_into": fastpoll._INTO is not None, "bulk": None}
 
@@ -126,6 +129,8 @@ threading.Timer(0.1, reactor.callFromThread, (from_thread,)).start()
 reactor.callLater(0.5, reactor.stop)
 reactor.run()
 result["elapsed"] = round(time.monotonic() - start, 3)
+# The loop set the event clock to the reactor's time at its last poll.
+result["clock_lag"] = reactor.seconds() - clock.now
 print(json.dumps(result))
 '''
 
@@ -166,6 +171,9 @@ class FastPollTests(unittest.TestCase):
         # outgoing one (a pooler's server) is read first, though its data
         # arrived second.
         self.assertEqual(r["order"], ["outgoing", "accepted"])
+        # The statistics' EventClock follows the reactor's time, poll by poll.
+        self.assertGreaterEqual(r["clock_lag"], 0.0)
+        self.assertLess(r["clock_lag"], 0.5)
 
 
 class FastPollReadIntoTests(FastPollTests):

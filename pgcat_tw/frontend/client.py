@@ -21,12 +21,15 @@ work      this class: every chunk the client sends is scanned
 The server connection calls this class only through ``backend.IBoundClient``.
 """
 
+import itertools
 import struct
 
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from pgcat_tw.admin.console import Console
+from pgcat_tw.admin.control import Control
 from pgcat_tw.backend import IBoundClient, set_keepalive
 from pgcat_tw.errors import PgError, ProtocolViolation, ServerConnectionFailed
 from pgcat_tw.frontend.checkout import Checkout
@@ -39,6 +42,7 @@ from pgcat_tw.protocol import codes
 from pgcat_tw.protocol import messages as m
 from pgcat_tw.protocol.framing import FramingError
 from pgcat_tw.relay import ClientScanner, ParameterValues, writer_for
+from pgcat_tw.stats import LiveClock
 
 log = Logger()
 
@@ -46,6 +50,7 @@ LOGIN_TIMEOUT = 60.0     # seconds a client may take to log in (PgBouncer's defa
 HOLD_LIMIT = 65536       # bytes held for a waiting client before it is paused
 REQUEST_KEEP_LIMIT = 65536  # request bytes kept for a possible re-send (see request_chunks)
 _LEN = struct.Struct("!i")
+_ids = itertools.count(1)
 
 
 def _shutdown_error():
@@ -58,11 +63,15 @@ class ClientFactory(Factory):
     draining = False
     tls = None            # tls.TLSState of the service (None: no TLS at all)
     auth_queries = None   # auth_query.AuthQueries (made on first use if None)
+    admin_control = None  # admin.control.Control lent by the service
 
-    def __init__(self, reactor, get_cluster, cancel_keys):
+    def __init__(self, reactor, get_cluster, cancel_keys, clock=None):
         self.reactor = reactor
         self.get_cluster = get_cluster  # callable: the Cluster in force now
         self.cancel_keys = cancel_keys
+        # stats.EventClock of the service (the loop sets it), else one that
+        # reads the reactor's time.
+        self.clock = clock if clock is not None else LiveClock(reactor.seconds)
         self.clients = set()
 
     def buildProtocol(self, addr):
@@ -115,6 +124,11 @@ class ClientProtocol(Checkout, Commands, Protocol):
         self.request_chunks = None
         self._request_bytes = 0
         self.rewriter = None          # prepared.Rewriter in transaction mode with a cache
+        # Statistics: the time of the event being handled (stats.EventClock),
+        # the time it spent waiting for servers, an id for the admin console.
+        self.clock = factory.clock
+        self.wait_time = 0.0
+        self.id = next(_ids)
 
     # --- connection -----------------------------------------------------------
 
@@ -169,7 +183,25 @@ class ClientProtocol(Checkout, Commands, Protocol):
         if self._login_timer is not None and self._login_timer.active():
             self._login_timer.cancel()
         self._login_timer = None
-        self._enter_work_phase(session, rest)
+        if session.admin:
+            self._enter_console(session, rest)
+        else:
+            self._enter_work_phase(session, rest)
+
+    def _enter_console(self, session, rest=b""):
+        """An admin login: the console takes the connection (no scanner,
+        waiter or checkout state is ever made)."""
+        self.session = session
+        self.user, self.database = session.user, session.database
+        self.key = session.key
+        control = self.factory.admin_control
+        if control is None:
+            control = self.factory.admin_control = Control(
+                self.reactor, self.factory.get_cluster, lambda: self.factory.clients)
+        self._console = c = Console(self, session, control)
+        self.dataReceived = c.data_received
+        if rest:
+            c.data_received(rest)
 
     def _enter_work_phase(self, session, rest=b""):
         self.session = session
@@ -199,6 +231,7 @@ class ClientProtocol(Checkout, Commands, Protocol):
         # The relay's hot path (one block: every chunk a client sends runs
         # it, and each extra call costs, docs/architecture.rst rule 9).
         sc = self.scanner
+        pending = sc.pending
         try:
             sc.feed(data)
         except FramingError as e:
@@ -218,6 +251,10 @@ class ClientProtocol(Checkout, Commands, Protocol):
                     and MAYBE_COMMAND.match(data, 5) is not None and whole_query(data) \
                     and self.server.scanner.at_boundary and self._sql_command(data, True):
                 return
+            if pending <= 0:
+                # A request after everything was answered: its query time
+                # starts now (stats).
+                self.server.scanner.query_start = self.clock.now
             rw = self.rewriter
             if rw is not None:
                 data = rw.process(data, self.server.stmts)
@@ -328,7 +365,15 @@ class ClientProtocol(Checkout, Commands, Protocol):
         for it. Tracked parameters that differ on it are SET first, unless
         that was just done (``params_synced``). One function on purpose:
         this runs for every transaction (rule 9)."""
-        self._waiting = None
+        now = self.clock.now
+        if self._waiting is not None:
+            # It queued: its wait ends (stats; ``since`` is when it began).
+            self._waiting = None
+            wait = now - self._waiter.since
+            self.wait_time += wait
+            totals = server.pool.totals
+            totals.wait_time += wait
+            totals.wait_count += 1
         transport = self.transport
         if transport is None or self._closing or not transport.connected:
             server.pool.release(server)
@@ -351,9 +396,22 @@ class ClientProtocol(Checkout, Commands, Protocol):
             self._checkout_next(None)
             return
         self._tried = None
-        if not params_synced and self._params_differ(server):
-            self._sync_params(server)
-            return
+        if not params_synced:
+            # Equal tracked tuples (cached, see relay.ParameterValues): no
+            # SET needed. Otherwise compare the values this client has.
+            params = self.params
+            sparams = server.params
+            mine = params._tracked
+            if mine is None:
+                mine = params.tracked()
+            theirs = sparams._tracked
+            if theirs is None:
+                theirs = sparams.tracked()
+            if mine != theirs:
+                for k, v in params.items():
+                    if sparams.get(k) != v:
+                        self._sync_params(server)
+                        return
         st = server.transport
         held = self._held
         rw = self.rewriter
@@ -368,7 +426,11 @@ class ClientProtocol(Checkout, Commands, Protocol):
         self._write_server = server.writer
         # Bind (inline: the hot path; ServerConnection.unbind undoes it).
         server.client = self
-        server.scanner.client = self.scanner
+        ss = server.scanner
+        ss.client = sc = self.scanner
+        ss.bound_at = ss.query_start = now
+        ss.sent_mark = sc.received - self._held_len
+        ss.binds += 1
         server._write_client = self.writer
         server._client_transport = self.transport
         server.state = "active"
@@ -385,24 +447,6 @@ class ClientProtocol(Checkout, Commands, Protocol):
             self.request_chunks = held if held else []
             self._request_bytes = self._held_len
         self._held_len = 0
-
-    def _params_differ(self, server):
-        """Do this client's tracked values differ from the server's? Equal
-        cached tuples (relay.ParameterValues): no, in one compare."""
-        params = self.params
-        sparams = server.params
-        mine = params._tracked
-        if mine is None:
-            mine = params.tracked()
-        theirs = sparams._tracked
-        if theirs is None:
-            theirs = sparams.tracked()
-        if mine == theirs:
-            return False
-        for k, v in params.items():
-            if sparams.get(k) != v:
-                return True
-        return False
 
     def _send_prepared(self, server, held):
         """Bind's end with a shared statement cache: the held requests go
@@ -433,6 +477,8 @@ class ClientProtocol(Checkout, Commands, Protocol):
         self.server = None
         self._server_transport = None
         self._write_server = None
+        ss = server.scanner
+        ss.xact_time += self.clock.now - ss.bound_at
         server.unbind()
         if self._needs_reset(server):
             self.scanner.named_parse = False
@@ -442,9 +488,16 @@ class ClientProtocol(Checkout, Commands, Protocol):
         if self.draining:
             self._fatal(_shutdown_error())
 
+    @property
+    def admin(self):
+        return self.session is not None and self.session.admin
+
     def drain(self):
         """Shutdown: close now if between transactions, else after the
-        current one (backend's release check sees ``draining``)."""
+        current one (backend's release check sees ``draining``). Admin
+        sessions stay."""
+        if self.admin or (self._login is not None and self._login.admin):
+            return
         self.draining = True
         if self.scanner is None:
             # Still logging in.
