@@ -66,7 +66,8 @@ _random = random.random
 class AddressState:
     __slots__ = ("configured", "role", "banned_until", "ban_reason", "seen_in_recovery",
                  "left_recovery_at", "down", "displaced", "warned", "lsn", "lag", "checking",
-                 "next_probe", "probe_failed_at", "last_check", "errors")
+                 "next_probe", "probe_failed_at", "last_check", "errors", "ban_duration",
+                 "admin_ban")
 
     def __init__(self, configured):
         self.configured = configured    # role in the configuration
@@ -76,6 +77,8 @@ class AddressState:
         self.role = None
         self.banned_until = None        # reactor time the ban ends; None: not banned
         self.ban_reason = None
+        self.ban_duration = 0.0         # seconds the current ban was for
+        self.admin_ban = False          # banned by the admin console: no probe lifts it
         self.seen_in_recovery = False   # it reported being in recovery once
         self.left_recovery_at = None    # when it was seen to leave recovery
         self.down = False               # failed, and has not answered since
@@ -319,23 +322,30 @@ class Balancer:
 
     # --- bans -----------------------------------------------------------------------
 
-    def ban(self, pool, reason):
-        """Ban a replica for ban_time; the primary is never banned. Clients
-        queued on it go to their next candidate at once. -> banned?"""
+    def ban(self, pool, reason, duration=None, admin=False):
+        """Ban a replica for ban_time (or ``duration`` seconds); the primary
+        is never banned. Clients queued on it go to their next candidate at
+        once. ``admin``: a ban from the admin console (BAN), which lasts its
+        duration whatever the probes see and replaces a running ban. ->
+        banned?"""
         h = pool.health
-        h.errors += 1
-        if pool is self.acting.get(pool.shard.index):
+        if not admin:
+            h.errors += 1
+        if self.is_primary(pool):
             return False
-        if h.banned_until is not None:
+        if h.banned_until is not None and not admin:
             return True
         now = self.reactor.seconds()
-        h.banned_until = now + self.ban_time
+        t = self.ban_time if duration is None else duration
+        h.banned_until = now + t
+        h.ban_duration = t
         h.ban_reason = reason
+        h.admin_ban = admin
         h.next_probe = now + self.probe_interval
         h.probe_failed_at = None
         self.invalidate()
         log.warn("{name}: server {addr} banned for {t:.0f} s: {reason}", name=self.name,
-                 addr=address_name(pool), t=self.ban_time, reason=reason)
+                 addr=address_name(pool), t=t, reason=reason)
         pool.fail_waiters(ServerConnectionFailed(
             f"{pool.name}: server banned: {reason}"))
         return True
@@ -346,9 +356,14 @@ class Balancer:
             return
         h.banned_until = None
         h.ban_reason = None
+        h.admin_ban = False
         h.probe_failed_at = None
         self.invalidate()
         log.info("{name}: server {addr} {why}", name=self.name, addr=address_name(pool), why=why)
+
+    def is_primary(self, pool):
+        """Does ``pool``'s address take the writes of its shard now?"""
+        return pool is self.acting.get(pool.shard.index)
 
     def clear_bans(self, shard):
         for p in self.shards.get(shard, ()):
@@ -360,7 +375,7 @@ class Balancer:
         for p in self.pools:
             h = p.health
             if h.banned_until is not None and now >= h.banned_until:
-                if self.probe_interval and h.probe_failed_at is not None \
+                if self.probe_interval and h.probe_failed_at is not None and not h.admin_ban \
                         and now - h.probe_failed_at <= 2 * self.probe_interval:
                     h.banned_until = now + self.ban_time
                     continue

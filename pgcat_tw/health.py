@@ -94,7 +94,8 @@ class HealthMonitor:
                 if h.checking or pool.closed:
                     continue
                 if h.banned_until is not None:
-                    if self.probe_interval and now >= h.next_probe:
+                    # (An admin's BAN lasts its duration: no probe ends it.)
+                    if self.probe_interval and now >= h.next_probe and not h.admin_ban:
                         self.probe(pool)
                 elif discovering or (multi and self.interval and (
                         h.last_check is None or now - h.last_check >= self.interval - 1e-6)):

@@ -7,12 +7,14 @@ from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
+from pgcat_tw.admin.control import Control
 from pgcat_tw.cancel import CancelKeys
 from pgcat_tw.cluster import Cluster
 from pgcat_tw.config import ConfigError, load
 from pgcat_tw.auth_query import AuthQueries
 from pgcat_tw.frontend import ClientFactory
 from pgcat_tw.janitor import Janitor
+from pgcat_tw.stats import LiveClock
 from pgcat_tw.tls import TLSError, TLSState
 
 log = Logger()
@@ -24,20 +26,29 @@ def listen_description(general):
 
 
 class PgCatService(service.MultiService):
-    def __init__(self, reactor, config, config_path=None, warnings=()):
+    def __init__(self, reactor, config, config_path=None, warnings=(), clock=None):
         service.MultiService.__init__(self)
         self.reactor = reactor
+        # The time of the event being handled (stats.EventClock, set by the
+        # loop), or one that reads the reactor's time.
+        self.clock = clock if clock is not None else LiveClock(reactor.seconds)
         self.config_path = config_path
         try:
             self.tls = TLSState(config.general)
         except TLSError as e:
             raise ConfigError(config.path, "general", str(e)) from None
         self.auth_queries = AuthQueries(reactor, self.tls)
-        self.cluster = Cluster(reactor, config, tls=self.tls)
+        self.cluster = Cluster(reactor, config, tls=self.tls, clock=self.clock)
         self.cancel_keys = CancelKeys()
-        self.factory = ClientFactory(reactor, lambda: self.cluster, self.cancel_keys)
+        self.factory = ClientFactory(reactor, lambda: self.cluster, self.cancel_keys,
+                                     clock=self.clock)
         self.factory.tls = self.tls
         self.factory.auth_queries = self.auth_queries
+        self.factory.admin_control = Control(
+            reactor, lambda: self.cluster, lambda: self.factory.clients,
+            reload=self.reload_problem, shutdown=lambda: self.drain(self.reactor.stop),
+            is_draining=lambda: self.factory.draining,
+            get_auth_queries=lambda: self.auth_queries)
         self.port = None              # IListeningPort once listening
         self.janitor = Janitor(reactor, lambda: self.cluster)
         self.janitor.setServiceParent(self)
@@ -88,13 +99,17 @@ class PgCatService(service.MultiService):
 
     def reload(self):
         """Re-read the config file; on any error keep the config in force."""
+        return self.reload_problem() is None
+
+    def reload_problem(self):
+        """Reload; None when done, else why not (the config in force stays)."""
         if not self.config_path:
-            return False
+            return "the service was not started from a config file"
         try:
             config, warnings = load(self.config_path)
         except ConfigError as e:
             log.error("reload failed, keeping the current configuration: {error}", error=str(e))
-            return False
+            return str(e)
         for w in warnings:
             log.warn("config: {warning}", warning=w)
         old = self.cluster
@@ -108,7 +123,7 @@ class PgCatService(service.MultiService):
         self.cluster = Cluster(self.reactor, config, previous=old)
         old.retire(self.cluster)
         log.info("configuration reloaded from {path}", path=self.config_path)
-        return True
+        return None
 
     def drain(self, done):
         """Graceful shutdown (PgCat's SIGINT): new clients are refused with
@@ -127,11 +142,15 @@ class PgCatService(service.MultiService):
             client.drain()
         deadline = self.reactor.seconds() + timeout
 
+        def left():
+            # Admin sessions keep working until the end; they do not hold it up.
+            return [c for c in self.factory.clients if not c.admin]
+
         def check():
-            if not self.factory.clients or self.reactor.seconds() >= deadline:
-                if self.factory.clients:
+            if not left() or self.reactor.seconds() >= deadline:
+                if left():
                     log.warn("shutdown_timeout reached with {n} client(s) left",
-                             n=len(self.factory.clients))
+                             n=len(left()))
                 done()
             else:
                 self.reactor.callLater(0.05, check)

@@ -28,6 +28,7 @@ from pgcat_tw.auth.scram import (
     remember_client_key,
     secret_for,
 )
+from pgcat_tw.admin import console
 from pgcat_tw.auth_query import AuthQueries
 from pgcat_tw.backend import RESET_TIMEOUT
 from pgcat_tw.cluster import set_parameter_sql
@@ -52,7 +53,6 @@ log = Logger()
 # make the pooler buffer more than this.
 MAX_AUTH_MESSAGE = 65535
 _TRACKED = frozenset(TRACKED_PARAMETERS)
-_ADMIN_DATABASES = ("pgcat", "pgbouncer")
 
 
 class Login:
@@ -62,6 +62,7 @@ class Login:
     _secret = None            # the password or secret the client is checked against
     _scram = None             # ScramServerExchange while it runs
     _salt = None
+    admin = False             # a login to the admin console
 
     def __init__(self, client, params, startup, rest=b""):
         self.client = client
@@ -87,16 +88,17 @@ class Login:
         client = self.client
         factory = client.factory
         params = self.startup_params
-        if factory.draining:
-            client._fatal(PgError("the pooler is shutting down", sqlstate="57P03",
-                                  severity="FATAL"))
-            return
         user = params.get("user")
         if not user:
             client._fatal(InvalidAuthorization(
                 "no PostgreSQL user name specified in startup packet"))
             return
         database = params.get("database") or user
+        if factory.draining and database not in console.ADMIN_DATABASES:
+            # (Admin sessions are still accepted during a graceful shutdown.)
+            client._fatal(PgError("the pooler is shutting down", sqlstate="57P03",
+                                  severity="FATAL"))
+            return
         self.user, self.database = user, database
         client.user, client.database = user, database
         cluster = factory.get_cluster()
@@ -108,18 +110,32 @@ class Login:
                 f'connection for user "{user}" refused: TLS is required (tls_require) and '
                 "this connection is not encrypted; connect with sslmode=require"))
             return
+        if database in console.ADMIN_DATABASES and cluster.config.pool(database) is None:
+            self._admin_login(cluster.config.general)
+            return
         self._find_pool(cluster)
+
+    def _admin_login(self, general):
+        """The admin console: ``admin_username`` only, with
+        ``admin_password`` (md5, SCRAM-SHA-256, a stored secret) or
+        ``admin_auth_type = "trust"``."""
+        self.admin = True
+        if self.user != general.admin_username:
+            self.client._fatal(InvalidAuthorization(
+                f'user "{self.user}" is not allowed to connect to the admin database '
+                f'"{self.database}"'))
+            return
+        if general.admin_auth_type == "trust":
+            self._authenticated()
+        else:
+            self._start_auth(general.admin_auth_type, general.admin_password)
 
     def _find_pool(self, cluster):
         client = self.client
         user, database = self.user, self.database
         pool_cfg, user_cfg, user_pool = cluster.find(database, user)
         if pool_cfg is None:
-            if database in _ADMIN_DATABASES:
-                client._fatal(UnknownDatabase(
-                    f'the admin database "{database}" is not available in this version'))
-            else:
-                client._fatal(UnknownDatabase(f'no pool configured for database "{database}"'))
+            client._fatal(UnknownDatabase(f'no pool configured for database "{database}"'))
             return
         if user_cfg is None and not pool_cfg.auth_query_configured:
             client._fatal(InvalidAuthorization(
@@ -273,6 +289,9 @@ class Login:
     def _password_ok(self):
         """The client proved its password: bind it to its pool (a user that
         only auth_query knows gets one now) and log in."""
+        if self.admin:
+            self._authenticated()
+            return
         if self.user_pool is None or self.user_cfg is None \
                 or self.user_cfg.password is None:
             cluster = self.client.factory.get_cluster()
@@ -299,7 +318,15 @@ class Login:
     # --- the greeting ----------------------------------------------------------------
 
     def _authenticated(self):
-        self.client.dataReceived = self._login_wait_data
+        client = self.client
+        client.dataReceived = self._login_wait_data
+        if self.admin:
+            key = client.factory.cancel_keys.register(client)
+            session = Session(self.user, self.database, startup_params=self.startup_params,
+                              key=key, tls=self.tls, tls_direct=self.tls_direct, admin=True)
+            client.transport.write(console.greeting(key))
+            client.logged_in(session, self.buf.take_rest())
+            return
         d = self._greet()
         d.addErrback(self._login_failed)
 
@@ -344,6 +371,7 @@ class Login:
         session = Session(self.user, self.database, self.pool_cfg, self.user_cfg, up,
                           self.startup_params, ParameterValues(desired), key,
                           self.tls, self.tls_direct)
+        up.logins += 1
         client.transport.write(b"".join(greeting))
         client.logged_in(session, self.buf.take_rest())
 
