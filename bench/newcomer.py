@@ -169,6 +169,20 @@ def render(summary):
                          "max_ms", "failed", "late", "median/pgb", "max/pgb"], rows)
 
 
+def pool_source():
+    """The commit of the pooler's code (the tree at pc.REPO_DIR), with
+    "+dirty" if pgcat_tw/ has uncommitted changes: the tree may be shared
+    with someone changing the pool."""
+    def git(*argv):
+        res = subprocess.run(["git", "-C", pc.REPO_DIR] + list(argv),
+                             capture_output=True, text=True)
+        return res.stdout.strip() if res.returncode == 0 else None
+    commit = git("rev-parse", "--short", "HEAD")
+    if commit is None:
+        return "unknown (not a git checkout)"
+    return commit + ("+dirty" if git("status", "--porcelain", "pgcat_tw") else "")
+
+
 def parse_args(argv=None):
     p = pc.build_parser(description=__doc__.split("\n\n")[0], clients="16,4",
                         modes="simple")
@@ -186,6 +200,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    source = pool_source()  # before the poolers start
     try:
         with pc.environment(args) as targets:
             warm_up(targets, args)
@@ -195,12 +210,13 @@ def main(argv=None):
             print("newcomer latency: psql -X -c 'select 1' every %gs (timeout %gs) during "
                   "pgbench -S, %d round(s) x %ds, pool_size=%d"
                   % (args.interval, args.timeout, args.rounds, args.duration, args.pool_size))
+            print("pool code: %s at %s" % (source, pc.REPO_DIR))
             for name, interp in pc.interpreters(targets).items():
                 print("%s on %s" % (name, interp))
             print(text)
             if not args.no_json:
-                path = pc.save_json(args, targets, {"summary": summary, "runs": records,
-                                                    "table": text}, suffix="-newcomer")
+                path = pc.save_json(args, targets, {"pool_source": source, "summary": summary,
+                                                    "runs": records, "table": text}, suffix="-newcomer")
                 print("\nwrote %s" % os.path.relpath(path))
         return 0
     except pc.BenchError as e:
