@@ -22,7 +22,8 @@ import itertools
 import socket
 
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -640,6 +641,17 @@ def quiet_factory(proto):
     return f
 
 
+def _endpoint(reactor, host, port, timeout):
+    """An IP address is connected to directly; a name through
+    HostnameEndpoint, whose resolver runs getaddrinfo in the reactor's
+    thread pool (busy threads would hold every new server connection up)."""
+    if isIPAddress(host):
+        return TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+    if isIPv6Address(host):
+        return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
+    return HostnameEndpoint(reactor, host, port, timeout=timeout)
+
+
 def connect(reactor, host, port, user, password, database, timeout, extra_params=None,
             keepalive=None, tls=None, clock=None):
     """Connect and log in; fires with a ready ServerConnection.
@@ -651,7 +663,7 @@ def connect(reactor, host, port, user, password, database, timeout, extra_params
         proto.keepalive = keepalive
     if tls is not None:
         proto.tls = tls.server_creator(host)
-    endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
+    endpoint = _endpoint(reactor, host, port, timeout)
     d = endpoint.connect(quiet_factory(proto))
 
     def connected(_):

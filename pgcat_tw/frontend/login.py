@@ -55,6 +55,15 @@ MAX_AUTH_MESSAGE = 65535
 _TRACKED = frozenset(TRACKED_PARAMETERS)
 
 
+def _spelled_as_sent(name, value):
+    """A value every server takes and reports as sent: an application_name
+    of printable ASCII shorter than NAMEDATALEN (PostgreSQL truncates longer
+    ones and replaces other bytes). Such a login needs no server to learn
+    the spelling."""
+    return name == "application_name" and len(value) < 64 and value.isascii() \
+        and value.isprintable()
+
+
 class Login:
     """One client's login. ``client``: its ClientProtocol; ``startup``: the
     finished startup phase (what it knows of TLS)."""
@@ -354,7 +363,8 @@ class Login:
         desired = {k: ref[k] for k in TRACKED_PARAMETERS if k in ref}
         wanted = {k: v for k, v in self.startup_params.items() if k in _TRACKED}
         unknown = [(k, v) for k, v in wanted.items()
-                   if v != ref.get(k) and (k, v) not in up.canonical]
+                   if v != ref.get(k) and (k, v) not in up.canonical
+                   and not _spelled_as_sent(k, v)]
         if unknown:
             yield self._learn_canonical(unknown)
             if self.closing:
