@@ -31,7 +31,7 @@ from zope.interface import Attribute, Interface, alsoProvides
 
 from pgcat_tw.auth import md5 as md5_auth
 from pgcat_tw.auth.scram import ScramClientExchange, is_scram_secret
-from pgcat_tw.errors import PgError, ServerConnectionFailed, ServerError
+from pgcat_tw.errors import PgError, ServerConnectionFailed
 from pgcat_tw.protocol import codes
 from pgcat_tw.protocol import messages as m
 from pgcat_tw.protocol.framing import FramingError, MessageBuffer

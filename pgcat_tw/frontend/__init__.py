@@ -24,3 +24,6 @@ from pgcat_tw.frontend.client import (  # noqa: F401
     ClientProtocol,
 )
 from pgcat_tw.frontend.session import Session  # noqa: F401
+
+__all__ = ["ClientFactory", "ClientProtocol", "Session", "HOLD_LIMIT", "LOGIN_TIMEOUT",
+           "REQUEST_KEEP_LIMIT"]
