@@ -500,3 +500,32 @@ class ManyClientsOneServerTests(PoolerTestCase):
         self.assertEqual(stats[0]["total_xact_count"], 200)
         cols, totals = yield in_thread(admin, self.pooler.port, "SHOW STATS_TOTALS")
         self.assertEqual(totals[0]["xact_count"], 200)
+
+
+from tests.test_replicas import ReplicaTestCase  # noqa: E402
+
+
+class BanTests(ReplicaTestCase):
+    @defer.inlineCallbacks
+    def test_ban_shows_in_bans_and_databases_then_unban(self):
+        yield self.start_pooler()
+        port = self.pooler.port
+        target = f"127.0.0.1:{self.r1.port}"
+        cols, rows = yield in_thread(admin, port, f"BAN {target} 120")
+        self.assertEqual(rows, [{"db": "pgcat_test", "user": "pgcat_md5", "role": "replica",
+                                 "host": target}])
+        cols, bans = yield in_thread(admin, port, "SHOW BANS")
+        self.assertEqual([(b["host"], b["role"], b["ban_duration_seconds"]) for b in bans],
+                         [(target, "replica", 120)])
+        self.assertGreater(bans[0]["ban_remaining_seconds"], 100)
+        cols, dbs = yield in_thread(admin, port, "SHOW DATABASES")
+        disabled = {(d["name"], d["port"]): d["disabled"] for d in dbs}
+        self.assertEqual(disabled[("pgcat_test_shard_0_replica_0", str(self.r1.port))], 1)
+        self.assertEqual(disabled[("pgcat_test_shard_0_replica_1", str(self.r2.port))], 0)
+        self.assertEqual(disabled[("pgcat_test_shard_0_primary", str(self.primary.port))], 0)
+        # Reads skip it while banned.
+        ports = yield self.reads(10, setup=["SET SERVER ROLE TO 'replica'"])
+        self.assertEqual(set(ports), {self.r2.port})
+        yield in_thread(admin, port, f"UNBAN {target}")
+        cols, bans = yield in_thread(admin, port, "SHOW BANS")
+        self.assertEqual(bans, [])

@@ -128,6 +128,19 @@ class AuthQueryTests(PoolerTestCase):
         self.assertEqual(up.settings.pool_size, 3)
 
     @defer.inlineCallbacks
+    def test_admin_show_servers_lists_auth_query_connections(self):
+        from tests.test_admin import admin
+
+        who, err = yield in_thread(login, self.pooler, "aq_md5", "aq_md5_pw")
+        self.assertEqual(who, "aq_md5", err)
+        cols, rows = yield in_thread(admin, self.pooler.port, "SHOW SERVERS")
+        kinds = {(r["type"], r["user"]) for r in rows}
+        self.assertIn(("auth_query", "aq_auth"), kinds)
+        self.assertIn(("pool", "aq_md5"), kinds)
+        cols, clients = yield in_thread(admin, self.pooler.port, "SHOW CLIENTS")
+        self.assertEqual(clients, [])
+
+    @defer.inlineCallbacks
     def test_scram_user_passthrough(self):
         """A SCRAM secret: the client logs in with SCRAM and the pooler logs
         in to PostgreSQL with the keys of that exchange."""

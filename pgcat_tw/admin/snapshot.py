@@ -128,7 +128,7 @@ def _address(up, pool, replica_index, now):
     a.banned = h is not None and h.banned_until is not None
     a.ban_reason = h.ban_reason if a.banned else None
     a.banned_until = h.banned_until if a.banned else None
-    a.ban_time = up.balancer.ban_time
+    a.ban_time = getattr(h, "ban_duration", 0.0) or up.balancer.ban_time
     a.paused = pool.paused
     a.maxwait = pool.maxwait()
     a.cl_waiting = len(pool.waiters)
