@@ -52,6 +52,16 @@ class PgCatService(service.MultiService):
         self.port = None              # IListeningPort once listening
         self.janitor = Janitor(reactor, lambda: self.cluster)
         self.janitor.setServiceParent(self)
+        # Prometheus exporter (metrics.py): a child service, so it listens
+        # in startService (a port in use fails the start) and stops in
+        # stopService. Imported only when enabled.
+        self.metrics = None
+        if config.general.enable_prometheus_exporter:
+            from pgcat_tw.metrics import MetricsService
+
+            self.metrics = MetricsService(reactor, config.general,
+                                          self.factory.admin_control.snapshot)
+            self.metrics.setServiceParent(self)
         self._warnings = list(warnings)
 
     @property
