@@ -5,7 +5,10 @@
 #   REPO_ROOT                 absolute path of the repository
 #   SUDO                      "" when root, "sudo" otherwise
 #   pg_bindir                 prints the PostgreSQL server bin dir (empty if none)
-#   ensure_postgres           installs PostgreSQL server + psql + pgbench via apt if missing
+#   ensure_postgres           installs PostgreSQL server + psql + pgbench via apt if missing,
+#                             and (ensure_prometheus) the Prometheus tools the suite runs
+#   ensure_prometheus         installs Debian's prometheus and prometheus-pgbouncer-exporter
+#                             via apt if missing (tests/test_metrics.py runs both)
 #   ensure_venv               creates .venv (from venv_python) and installs the project
 #                             ('.[test]', not editable)
 #   venv_python               prints the interpreter .venv is made from
@@ -86,6 +89,26 @@ ensure_postgres() {
     if [ "$(id -u)" -eq 0 ] && ! id "$PG_SYSTEM_USER" >/dev/null 2>&1; then
         _log "running as root but there is no '$PG_SYSTEM_USER' user to run postgres as"
         return 1
+    fi
+    ensure_prometheus
+}
+
+# tests/test_metrics.py starts Debian's prometheus server (scraping the
+# pooler's /metrics) and prometheus-pgbouncer-exporter (reading its admin
+# database); a missing binary fails those tests, so install what is missing.
+ensure_prometheus() {
+    local want=() svc
+    [ -x /usr/bin/prometheus ] || want+=(prometheus)
+    [ -x /usr/bin/prometheus-pgbouncer-exporter ] || want+=(prometheus-pgbouncer-exporter)
+    [ "${#want[@]}" -eq 0 ] && return 0
+    apt_install --no-install-recommends "${want[@]}" || return 1
+    # Where services may start (not in Docker, whose policy-rc.d refuses),
+    # the packages start their daemons; the tests run their own on free
+    # ports, so stop the ones just installed (best effort).
+    if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+        for svc in "${want[@]}"; do
+            $SUDO systemctl stop "$svc" >/dev/null 2>&1 || true
+        done
     fi
 }
 
