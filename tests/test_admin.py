@@ -54,7 +54,7 @@ COLUMNS = {
     "STATE": ["key", "value"],
 }
 # The columns whose extras are allowed after PgCat's list.
-EXTENDED = ("CLIENTS", "SERVERS")
+EXTENDED = ("CLIENTS", "SERVERS", "STATS")
 LISTS_ROWS = ["databases", "users", "pools", "free_clients", "used_clients", "login_clients",
               "free_servers", "used_servers", "dns_names", "dns_zones", "dns_queries",
               "dns_pending"]

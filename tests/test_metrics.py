@@ -638,17 +638,11 @@ class PgbouncerExporterTests(ExporterTestCase):
         fams = parse(body)
         self.assertEqual(value(fams, "pgbouncer_active_clients", database="pgcat_test",
                                user="pgcat_md5"), 0)
-        self.assertGreaterEqual(value(fams, "pgbouncer_requests", database="pgcat_test"), 20)
+        self.assertGreaterEqual(value(fams, "pgbouncer_requests_total", database="pgcat_test"), 20)
         self.assertEqual(value(fams, "pgbouncer_pool_size", database="pgcat_test"), 2)
 
-    # SHOW STATS has no total_requests column (PgBouncer replaced it in 1.8
-    # by total_xact_count/total_query_count; PgCat never had it), and this
-    # exporter (Debian's 1.7) reads it when it registers its collectors: it
-    # stops at its start with KeyError 'total_requests', against Debian's
-    # own PgBouncer 1.18 as well. Remove the todo if SHOW STATS gains it.
-    test_pgbouncer_exporter.todo = (
-        "SHOW STATS lacks the total_requests column that Debian's "
-        "prometheus-pgbouncer-exporter 1.7 reads (KeyError at start)")
+    # Debian's exporter (1.7) reads SHOW STATS's total_requests, PgBouncer's
+    # name before 1.8: pgcat_tw's SHOW STATS has it as an extra column.
 
     @defer.inlineCallbacks
     def test_pgbouncer_exporter_collectors(self):

@@ -78,7 +78,10 @@ STATS_COLUMNS = _cols(
     ["instance", "database", "user", "total_xact_count", "total_query_count",
      "total_received", "total_sent", "total_xact_time", "total_query_time",
      "total_wait_time", "total_errors", "avg_xact_count", "avg_query_count", "avg_recv",
-     "avg_sent", "avg_errors", "avg_xact_time", "avg_query_time", "avg_wait_time"],
+     "avg_sent", "avg_errors", "avg_xact_time", "avg_query_time", "avg_wait_time",
+     # pgcat_tw: PgBouncer's pre-1.8 name for the query count, which
+     # exporters still read (Debian's prometheus-pgbouncer-exporter 1.7).
+     "total_requests"],
     {"instance": TEXT, "database": TEXT, "user": TEXT})
 
 
@@ -90,7 +93,7 @@ def show_stats(snap):
                      t.sent, _ms(t.xact_time), _ms(t.query_time), _us(t.wait_time),
                      t.errors, int(v.xact_count), int(v.query_count), int(v.received),
                      int(v.sent), int(v.errors), _ms(v.xact_time), _ms(v.query_time),
-                     _us(v.wait_time)])
+                     _us(v.wait_time), t.query_count])
     return STATS_COLUMNS, rows
 
 
