@@ -560,15 +560,28 @@ class Balancer:
         so a reload does not forget a failover."""
         for shard, pools in self.shards.items():
             prev = old.shards.get(shard)
-            if prev is None or list(map(_key, prev)) != list(map(_key, pools)):
+            if prev is None:
                 continue
-            for p, q in zip(pools, prev):
+            if [_key(p) for p in prev if p.address.role == PRIMARY] != \
+                    [_key(p) for p in pools if p.address.role == PRIMARY]:
+                continue  # the primary was edited: the file is the truth again
+            by_key = {_key(q): q for q in prev}
+            for p in pools:
+                q = by_key.get(_key(p))
+                if q is None or q.health is p.health:
+                    continue  # a new server, or the same pool kept by the reload
                 h, g = p.health, q.health
                 h.role, h.seen_in_recovery, h.left_recovery_at = \
                     g.role, g.seen_in_recovery, g.left_recovery_at
                 h.down, h.displaced, h.warned = g.down, g.displaced, g.warned
             a = old.acting.get(shard)
-            self.acting[shard] = pools[prev.index(a)] if a is not None else None
+            if a is None:
+                self.acting[shard] = None
+            else:
+                # The acting primary, if its server is still configured
+                # (servers were added or removed around it).
+                self.acting[shard] = next((p for p in pools if _key(p) == _key(a)),
+                                          self.acting.get(shard))
             if shard in old.confirmed:
                 self.confirmed.add(shard)
             if shard in old.contested:

@@ -43,67 +43,124 @@ class UserPool:
 
     def __init__(self, reactor, config, pool_cfg, user_cfg):
         self.reactor = reactor
-        self.config = config
-        self.pool_cfg = pool_cfg
-        self.user_cfg = user_cfg
-        self.settings = resolve(config, pool_cfg, user_cfg)
-        self.mode = self.settings.pool_mode
         self.closed = False
-        size = pool_cfg.prepared_statements_cache_size
-        # Pool-level statement names (prepared.py), transaction mode only.
-        self.statement_cache = (StatementCache(size)
-                                if size > 0 and self.mode == "transaction" else None)
+        self.statement_cache = None
         self.reference_params = None   # ParameterStatus set shown to clients
         self.canonical = {}            # (param, value as sent) -> server's spelling
-        g = config.general
-        self.keepalive = (g.tcp_keepalives_idle, g.tcp_keepalives_interval,
-                          g.tcp_keepalives_count, g.tcp_user_timeout)
-        self.server_user = user_cfg.server_username or user_cfg.username
-        self.server_password = (user_cfg.server_password if user_cfg.server_password is not None
-                                else user_cfg.password)
         # Statistics: client logins (a login counts once it is greeted), the
         # 15 s averages of the (pool, user).
         self.logins = 0
         self.averages = Averages(reactor.seconds())
         self.address_pools = []
+        self.balancer = None
+        self.monitor = None
+        self.reconfigure(config, pool_cfg, user_cfg)
+
+    def reconfigure(self, config, pool_cfg, user_cfg):
+        """Apply a configuration (the first, or a reload) in place: settings
+        and credentials for new connections; pools of addresses still
+        configured keep their connections (resized, re-timed, re-roled);
+        new addresses get pools, removed ones are drained and closed; the
+        balancer and the health checks are rebuilt over the new list,
+        keeping what was learned (bans, roles, lag)."""
+        self.config = config
+        self.pool_cfg = pool_cfg
+        self.user_cfg = user_cfg
+        self.settings = resolve(config, pool_cfg, user_cfg)
+        self.mode = self.settings.pool_mode
+        self._reconfigure_statements(pool_cfg.prepared_statements_cache_size)
+        g = config.general
+        self.keepalive = (g.tcp_keepalives_idle, g.tcp_keepalives_interval,
+                          g.tcp_keepalives_count, g.tcp_user_timeout)
+        self.server_user = user_cfg.server_username or user_cfg.username
+        password = (user_cfg.server_password if user_cfg.server_password is not None
+                    else user_cfg.password)
+        if password is not None or not self.password_learned:
+            self.server_password = password
+            self.password_learned = False
+        old = {_address_key(p.shard, p.address): p for p in self.address_pools}
+        old_primaries = _primaries(self.address_pools)
+        pools = []
         for shard in pool_cfg.shards:
             for addr in shard.servers:
-                self.address_pools.append(self._make_pool(shard, addr))
-        label = f'pool "{pool_cfg.name}" user "{user_cfg.username}"'
+                pool = old.pop(_address_key(shard, addr), None)
+                if pool is None:
+                    pool = self._make_pool(shard, addr)
+                self._configure_pool(pool, shard, addr)
+                pools.append(pool)
+        for pool in old.values():
+            pool.close()   # drained: busy servers close as they come back
+        changed = {shard for shard, key in _primaries(pools).items()
+                   if old_primaries.get(shard, key) != key}
+        for pool in pools:
+            if pool.shard.index in changed:
+                # The primary was edited: the file is the truth again (what
+                # was learned about roles there is forgotten).
+                pool.health = None
+        self.address_pools = pools
+        self._rebuild_balancer()
+
+    def _reconfigure_statements(self, size):
+        cache = self.statement_cache
+        if size > 0 and self.mode == "transaction":
+            if cache is None:
+                self.statement_cache = StatementCache(size)
+            else:
+                cache.size = size   # (clients keep using it: their names stay valid)
+        else:
+            self.statement_cache = None
+
+    def _rebuild_balancer(self):
+        g = self.config.general
+        pool_cfg = self.pool_cfg
+        old_balancer, old_monitor = self.balancer, self.monitor
+        label = f'pool "{pool_cfg.name}" user "{self.user_cfg.username}"'
         self.balancer = Balancer(
-            reactor, self.address_pools, mode=pool_cfg.load_balancing_mode,
+            self.reactor, self.address_pools, mode=pool_cfg.load_balancing_mode,
             default_role=pool_cfg.default_role, ban_time=float(g.ban_time),
             max_lag=pool_cfg.max_replica_lag, probe_interval=g.ban_probe_interval / 1000.0,
             name=label)
+        if old_balancer is not None:
+            self.balancer.inherit(old_balancer)
         self.monitor = HealthMonitor(
-            reactor, self.balancer, interval=g.healthcheck_interval / 1000.0,
+            self.reactor, self.balancer, interval=g.healthcheck_interval / 1000.0,
             probe_interval=g.ban_probe_interval / 1000.0,
             timeout=g.healthcheck_timeout / 1000.0, on_failure=self.server_failed)
+        if old_monitor is not None:
+            old_monitor.close()
 
     def _make_pool(self, shard, addr):
-        s = self.settings
-        name = (f'pool "{self.pool_cfg.name}" user "{self.user_cfg.username}" '
-                f"server {addr.host}:{addr.port}")
-        timeout = s.connect_timeout / 1000.0
-
         def connect():
-            d = backend.connect(self.reactor, addr.host, addr.port, self.server_user,
-                                self.server_password, shard.database, timeout,
+            a, sh = pool.address, pool.shard
+            d = backend.connect(self.reactor, a.host, a.port, self.server_user,
+                                self.server_password, sh.database, pool.connect_timeout,
                                 keepalive=self.keepalive, tls=self.tls, clock=self.clock)
             return d.addCallback(self._learn_role, pool)
 
+        pool = ConnectionPool(self.reactor, "", connect, pool_size=1)
+        pool.on_new_connection = self._capture_params
+        return pool
+
+    def _configure_pool(self, pool, shard, addr):
+        """Settings of one address's pool, from the configuration in force."""
+        s = self.settings
         g = self.config.general
-        pool = ConnectionPool(
-            self.reactor, name, connect, pool_size=s.pool_size, min_pool_size=s.min_pool_size,
-            connect_timeout=timeout, idle_timeout=s.idle_timeout / 1000.0,
-            server_lifetime=s.server_lifetime / 1000.0,
-            round_robin=g.server_round_robin)
+        pool.name = (f'pool "{self.pool_cfg.name}" user "{self.user_cfg.username}" '
+                     f"server {addr.host}:{addr.port}")
+        pool.pool_size = s.pool_size
+        pool.min_pool_size = s.min_pool_size
+        pool.connect_timeout = s.connect_timeout / 1000.0
+        pool.idle_timeout = s.idle_timeout / 1000.0
+        pool.server_lifetime = s.server_lifetime / 1000.0
+        pool.round_robin = g.server_round_robin
         pool.healthcheck_delay = g.healthcheck_delay / 1000.0
         pool.healthcheck_timeout = g.healthcheck_timeout / 1000.0
         pool.address = addr
         pool.shard = shard
-        pool.on_new_connection = self._capture_params
-        return pool
+        if pool.health is not None:
+            pool.health.configured = addr.role
+        if pool.waiters or pool.total < pool.min_pool_size:
+            pool._maybe_connect()
 
     def _learn_role(self, conn, pool):
         """Every new connection tells whether its server is in recovery:
@@ -224,6 +281,18 @@ class UserPool:
             p.close()
 
 
+def _address_key(shard, addr):
+    """What identifies an address's pool across a reload: the same server
+    and database (its role may change)."""
+    return (shard.index, shard.database, addr.host, addr.port)
+
+
+def _primaries(pools):
+    """shard index -> the address key of its configured primary."""
+    return {p.shard.index: _address_key(p.shard, p.address) for p in pools
+            if p.address.role == "primary"}
+
+
 def auth_query_user(pool_cfg, username):
     """The settings of a user that auth_query knows and the pool does not
     list: no password of its own (auth_query supplies it), the pool's
@@ -237,59 +306,47 @@ class Cluster:
 
     def __init__(self, reactor, config, previous=None, tls=None, clock=None):
         """``previous``: the Cluster being replaced by a reload; its UserPools
-        whose pool section and general settings are unchanged are kept (with
-        their connections), the others are closed by ``retire``.
-        ``tls``: the service's tls.TLSState (default: the previous one's)."""
+        whose (pool, user) is still configured are kept and reconfigured in
+        place (with their connections and clients); ``retire`` closes the
+        others. ``tls``: the service's tls.TLSState (default: the previous
+        one's)."""
         self.reactor = reactor
         self.config = config
         self.tls = tls if tls is not None else getattr(previous, "tls", None)
         self.clock = clock if clock is not None else getattr(previous, "clock", None)
         self.user_pools = {}
         keep = previous.user_pools if previous is not None else {}
-        same_general = previous is not None and previous.config.general == config.general
         for pool_cfg in config.pools:
             for user_cfg in pool_cfg.users:
                 key = (pool_cfg.name, user_cfg.username)
                 old = keep.get(key)
-                if old is not None and same_general and old.pool_cfg == pool_cfg:
-                    old.config = config
+                if old is not None and not old.closed:
+                    old.dynamic = False
+                    old.reconfigure(config, pool_cfg, user_cfg)
                     self.user_pools[key] = old
                 else:
-                    self.user_pools[key] = self._new_user_pool(pool_cfg, user_cfg, old)
-        self._keep_auth_query_users(keep, same_general)
+                    self.user_pools[key] = self._new_user_pool(pool_cfg, user_cfg)
+        self._keep_auth_query_users(keep)
 
-    def _new_user_pool(self, pool_cfg, user_cfg, old=None, dynamic=False):
+    def _new_user_pool(self, pool_cfg, user_cfg, dynamic=False):
         up = UserPool(self.reactor, self.config, pool_cfg, user_cfg)
         up.tls = self.tls
         up.clock = self.clock
         up.dynamic = dynamic
-        if old is not None:
-            # A reload does not forget a failover (shards whose servers
-            # are unchanged).
-            up.balancer.inherit(old.balancer)
-        if old is not None and old.password_learned and up.server_password is None:
-            # A secret auth_query fetched: keep using it until the next login
-            # of this user fetches it again.
-            up.server_password = old.server_password
-            up.password_learned = True
         return up
 
-    def _keep_auth_query_users(self, previous, same_general):
+    def _keep_auth_query_users(self, previous):
         """Users known through auth_query stay known across a reload while
         their pool still has auth_query and does not list them."""
         for (pool_name, username), old in previous.items():
-            if not old.dynamic:
+            if not old.dynamic or old.closed:
                 continue
             pool_cfg = self.config.pool(pool_name)
             if pool_cfg is None or not pool_cfg.auth_query_configured \
                     or pool_cfg.user(username) is not None:
                 continue
-            if same_general and old.pool_cfg == pool_cfg:
-                old.config = self.config
-                self.user_pools[(pool_name, username)] = old
-            else:
-                self.user_pools[(pool_name, username)] = self._new_user_pool(
-                    pool_cfg, auth_query_user(pool_cfg, username), old, dynamic=True)
+            old.reconfigure(self.config, pool_cfg, auth_query_user(pool_cfg, username))
+            self.user_pools[(pool_name, username)] = old
 
     def add_auth_query_user(self, pool_cfg, username):
         """The UserPool of a user that auth_query authenticated and the pool

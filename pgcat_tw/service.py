@@ -87,6 +87,7 @@ class PgCatService(service.MultiService):
         log.info("pgcat_tw listening on {host}:{port} with {n} pool(s)",
                  host=self.config.general.host, port=port.getHost().port,
                  n=len(self.config.pools))
+        log.info("Waiting for clients")  # PgCat's ready line (supervisors wait for it)
         return port
 
     def startService(self):
@@ -115,10 +116,14 @@ class PgCatService(service.MultiService):
         """Reload; None when done, else why not (the config in force stays)."""
         if not self.config_path:
             return "the service was not started from a config file"
+        log.info("Reloading config", path=self.config_path)
         try:
             config, warnings = load(self.config_path)
         except ConfigError as e:
-            log.error("reload failed, keeping the current configuration: {error}", error=str(e))
+            # PgCat's wording: the error's own text, at ERROR (scripts grep it).
+            log.error("{error}", error=str(e), path=self.config_path)
+            log.warn("reload failed, keeping the current configuration: {path}",
+                     path=self.config_path)
             return str(e)
         for w in warnings:
             log.warn("config: {warning}", warning=w)

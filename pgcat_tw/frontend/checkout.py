@@ -41,10 +41,16 @@ class Checkout:
         self._waiter.since = self.reactor.seconds()
         up = self.user_pool
         if up.closed:
-            # The configuration was reloaded: use the pool in force now.
+            # A reload removed this (pool, user) (a kept one is reconfigured
+            # in place): use the one in force now, if any.
             _, _, fresh = self.factory.get_cluster().find(self.database, self.user)
-            if fresh is not None:
-                self.user_pool = up = fresh
+            if fresh is None:
+                self._checking_out = False
+                self._fatal(ServerConnectionFailed(
+                    f'pool "{self.database}" user "{self.user}" was removed from the '
+                    "configuration", sqlstate="08006", severity="FATAL"))
+                return
+            self.user_pool = up = fresh
         self._tried = []
         self._checkout_next(None, None if try_idle else up.balancer.picked)
 
