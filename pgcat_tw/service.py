@@ -1,5 +1,6 @@
 """Wires the listener, the janitor and reload into one MultiService."""
 
+import hashlib
 import signal
 
 from twisted.application import service
@@ -18,6 +19,17 @@ from pgcat_tw.stats import LiveClock
 from pgcat_tw.tls import TLSError, TLSState
 
 log = Logger()
+
+
+def _file_signature(path):
+    """What autoreload compares: the file's bytes (a hash), or None."""
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        return None
 
 
 def listen_description(general):
@@ -63,6 +75,16 @@ class PgCatService(service.MultiService):
                                           self.factory.admin_control.snapshot)
             self.metrics.setServiceParent(self)
         self._warnings = list(warnings)
+        # autoreload (ms, PgCat's): the file is looked at that often and
+        # reloaded when its content changed (a restart picks a new period).
+        self._file_seen = _file_signature(config_path)
+        every = config.general.autoreload
+        if config_path and every:
+            from twisted.application.internet import TimerService
+
+            t = TimerService(every / 1000.0, self._autoreload)
+            t.clock = reactor
+            t.setServiceParent(self)
 
     @property
     def config(self):
@@ -94,7 +116,7 @@ class PgCatService(service.MultiService):
         if not hasattr(self, "listening"):
             self.privilegedStartService()
         for w in self._warnings:
-            log.warn("config: {warning}", warning=w)
+            log.warn("config: {text}", text=w)
         service.MultiService.startService(self)
 
     @defer.inlineCallbacks
@@ -112,6 +134,12 @@ class PgCatService(service.MultiService):
         """Re-read the config file; on any error keep the config in force."""
         return self.reload_problem() is None
 
+    def _autoreload(self):
+        seen = _file_signature(self.config_path)
+        if seen is not None and seen != self._file_seen:
+            self._file_seen = seen   # a broken file is not retried until it changes
+            self.reload_problem()
+
     def reload_problem(self):
         """Reload; None when done, else why not (the config in force stays)."""
         if not self.config_path:
@@ -126,7 +154,7 @@ class PgCatService(service.MultiService):
                      path=self.config_path)
             return str(e)
         for w in warnings:
-            log.warn("config: {warning}", warning=w)
+            log.warn("config: {text}", text=w)
         old = self.cluster
         if (config.general.host, config.general.port) != (old.config.general.host,
                                                            old.config.general.port):
@@ -135,6 +163,7 @@ class PgCatService(service.MultiService):
         # change; one that cannot be read keeps the previous in force.
         for problem in self.tls.reload(config.general):
             log.error("reload: {problem}", problem=problem)
+        self._file_seen = _file_signature(self.config_path)
         self.cluster = Cluster(self.reactor, config, previous=old)
         old.retire(self.cluster)
         log.info("configuration reloaded from {path}", path=self.config_path)

@@ -5,7 +5,10 @@ import os
 
 import psycopg
 import psycopg2
-from twisted.internet import defer, threads
+from twisted.internet import defer, reactor, threads
+
+from pgcat_tw.config import load
+from pgcat_tw.service import PgCatService
 
 from tests.pgharness import USERS, topology
 from tests.support import Pooler, PoolerTestCase, free_port, in_thread, pooler_toml
@@ -19,15 +22,19 @@ class FilePooler(Pooler):
     def __init__(self, path, text):
         self.path = path
         self.write(text)
-        Pooler.__init__(self, text)
-        self.service.config_path = path
+        self.config, self.warnings = load(path)
+        self.port = self.config.general.port
+        self.service = PgCatService(reactor, self.config, config_path=path,
+                                    warnings=self.warnings)
 
     def write(self, text):
         with open(self.path, "w") as f:
             f.write(text)
 
 
-class ReloadTests(PoolerTestCase, PgbenchMixin):
+class _FileConfigTestCase(PoolerTestCase, PgbenchMixin):
+    """A pooler from a config file, in front of the primary and a replica."""
+
     timeout = 180
 
     @defer.inlineCallbacks
@@ -58,6 +65,9 @@ class ReloadTests(PoolerTestCase, PgbenchMixin):
     def connect(self, password="md5_pw", **kw):
         return psycopg.connect(self.pooler.dsn(password=password), prepare_threshold=None,
                                **kw)
+
+
+class ReloadTests(_FileConfigTestCase):
 
     @defer.inlineCallbacks
     def test_reload_under_pgbench_resizes_rekeys_and_adds_a_replica(self):
@@ -132,3 +142,25 @@ class ReloadTests(PoolerTestCase, PgbenchMixin):
         up = self.pooler.cluster.user_pools[("pgcat_test", "pgcat_md5")]
         self.assertEqual(up.address_pools[0].pool_size, 5)
 
+
+class AutoreloadTests(_FileConfigTestCase):
+    """``autoreload`` (ms): a changed file is picked up without a signal."""
+
+    def toml(self, pool_size=2, password="md5_pw", replica=False, extra=""):
+        text = _FileConfigTestCase.toml(self, pool_size, password, replica, extra)
+        return text.replace("[general]\n", "[general]\nautoreload = 200\n", 1)
+
+    @defer.inlineCallbacks
+    def test_changed_file_is_reloaded(self):
+        up = self.pooler.cluster.user_pools[("pgcat_test", "pgcat_md5")]
+        self.pooler.write(self.toml(pool_size=7))
+        for _ in range(50):
+            if up.address_pools[0].pool_size == 7:
+                break
+            yield sleep(0.1)
+        self.assertEqual(up.address_pools[0].pool_size, 7)
+        # A broken file is logged once and changes nothing.
+        self.pooler.write(self.toml(pool_size=7) + "\nnot toml [\n")
+        yield sleep(0.6)
+        self.assertEqual(up.address_pools[0].pool_size, 7)
+        self.assertIs(self.pooler.cluster.user_pools[("pgcat_test", "pgcat_md5")], up)
