@@ -3,7 +3,6 @@
 import os
 import struct
 
-from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
@@ -49,9 +48,9 @@ class _CancelSender(Protocol):
 
 def forward_cancel(reactor, host, port, pid, secret, timeout=5):
     """Open a new connection to the server and send it a CancelRequest."""
-    from pgcat_tw.backend import quiet_factory
+    from pgcat_tw.backend import _endpoint, quiet_factory
 
-    d = HostnameEndpoint(reactor, host, port, timeout=timeout).connect(
+    d = _endpoint(reactor, host, port, timeout).connect(
         quiet_factory(_CancelSender(pid, secret)))
     d.addErrback(lambda f: log.warn("could not forward cancel request to {host}:{port}: {e}",
                                     host=host, port=port, e=f.getErrorMessage()))

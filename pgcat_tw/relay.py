@@ -314,7 +314,7 @@ class ClientScanner(Scanner):
 class ServerScanner(Scanner):
     __slots__ = ("client", "tx_status", "rfq", "params", "dirty", "errors", "stmts", "edits",
                  "rfqs", "xacts", "received", "sent", "sent_mark", "bound_at", "query_start",
-                 "query_time", "xact_time", "binds")
+                 "query_time", "xact_time", "binds", "cancelled_at")
 
     def __init__(self):
         Scanner.__init__(self, SERVER_WANT)
@@ -341,6 +341,7 @@ class ServerScanner(Scanner):
         self.query_time = 0.0
         self.xact_time = 0.0
         self.binds = 0            # times it was handed to a client
+        self.cancelled_at = None  # query_start of the request a timeout cancelled
 
     def use_prepared(self, stmts):
         self.stmts = stmts

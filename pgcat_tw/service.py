@@ -16,6 +16,7 @@ from pgcat_tw.auth_query import AuthQueries
 from pgcat_tw.frontend import ClientFactory
 from pgcat_tw.janitor import Janitor
 from pgcat_tw.stats import LiveClock
+from pgcat_tw.timeouts import Timeouts
 from pgcat_tw.tls import TLSError, TLSState
 
 log = Logger()
@@ -64,6 +65,8 @@ class PgCatService(service.MultiService):
         self.port = None              # IListeningPort once listening
         self.janitor = Janitor(reactor, lambda: self.cluster)
         self.janitor.setServiceParent(self)
+        self.timeouts = Timeouts(reactor, lambda: self.cluster, lambda: self.factory.clients)
+        self.timeouts.setServiceParent(self)
         # Prometheus exporter (metrics.py): a child service, so it listens
         # in startService (a port in use fails the start) and stops in
         # stopService. Imported only when enabled.

@@ -31,6 +31,7 @@ class Checkout:
     """Part of ClientProtocol: the checkout's slow path and its failures."""
 
     _tried = None             # addresses tried by the running checkout
+    _checkout_failures = 0    # checkouts that failed (checkout_failure_limit)
 
     def _checkout(self, try_idle=True):
         """Start a checkout on the slow path. ``try_idle`` False: the fast
@@ -163,6 +164,15 @@ class Checkout:
             err = ServerConnectionFailed(f"could not get a server connection: {err}")
         log.warn("client {user}@{db}: checkout failed: {err}", user=self.user,
                  db=self.database, err=err.message)
+        self._checkout_failures += 1
+        limit = self.user_pool.pool_cfg.checkout_failure_limit
+        if limit and self._checkout_failures >= limit:
+            # PgCat's checkout_failure_limit: this client is disconnected.
+            self._fatal(PgError(
+                f"{err.message}; checkout failure limit reached "
+                f"({self._checkout_failures} / {limit})", sqlstate=err.sqlstate,
+                severity="FATAL"))
+            return
         if self._paused_waiting:
             self._paused_waiting = False
             self.transport.resumeProducing()

@@ -17,12 +17,17 @@ client's own state, rarely, off the relay's hot path).
 import re
 import struct
 
+from twisted.logger import Logger
+
+from pgcat_tw.backend import RESET_TIMEOUT
 from pgcat_tw.errors import PgError
 from pgcat_tw.protocol import codes
 from pgcat_tw.protocol import messages as m
-from pgcat_tw.protocol.framing import SKIP, FramingError, Scanner, want_table
+from pgcat_tw.protocol.framing import SKIP, FramingError, MessageBuffer, Scanner, want_table
 from pgcat_tw.router import custom
 from pgcat_tw.router import sql as sqlcmd
+
+log = Logger()
 
 _LEN = struct.Struct("!i")
 # An anchored probe (no allocation): could this simple Query be ours?
@@ -163,3 +168,93 @@ class Commands:
         self.transport.write(m.READY_IDLE)
         if rest:
             self._work_data(rest)
+
+    # --- after an idle-in-transaction timeout -------------------------------------------
+
+    def idle_transaction_timeout(self):
+        """The client sat idle inside a transaction longer than
+        idle_client_in_transaction_timeout: the server is rolled back (in
+        transaction mode it goes back to its pool; in session mode it is
+        bound again once clean). Nothing is sent now (the client is not
+        waiting for anything); its next request learns it: PgCat's
+        ``idle transaction timeout`` error until it ends the transaction
+        (``_aborted_data``)."""
+        server = self.server
+        if server is None:
+            return
+        log.info("client {user}@{db}: idle transaction timeout: rolled back",
+                 user=self.user, db=self.database)
+        self.server = None
+        self._server_transport = None
+        self._write_server = None
+        server.unbind()
+        queries = ["ROLLBACK"]
+        if self._needs_reset(server) and self.transaction_mode:
+            self.scanner.named_parse = False
+            queries.append(server.reset_query(True))
+        if self.transaction_mode:
+            server.reset_and_release(queries)
+        else:
+            self._checking_out = True
+            d = server.run(queries, timeout=RESET_TIMEOUT)
+            d.addCallbacks(lambda _: self._got_server(server, True),
+                           lambda f: self._sync_failed(f, server))
+        self._aborted = MessageBuffer()
+        self.dataReceived = self._aborted_data
+
+    _aborted = None             # a MessageBuffer while the transaction is lost
+
+    def _aborted_data(self, data):
+        buf = self._aborted
+        try:
+            buf.feed(data)
+            while True:
+                msg = buf.next_message()
+                if msg is None:
+                    return
+                t, body = msg
+                if self._aborted_message(t, body):
+                    rest = buf.take_rest()
+                    self._aborted = None
+                    self.dataReceived = self._work_data
+                    if rest:
+                        self._work_data(rest)
+                    return
+        except FramingError as e:
+            self._protocol_error(e)
+
+    def _aborted_message(self, t, body):
+        """One message while the timed-out transaction is not ended yet.
+        -> True once the client ended it (ROLLBACK, COMMIT, END, ABORT)."""
+        out = self.transport
+        if t == codes.F_TERMINATE:
+            self._close()
+            return False
+        if t == codes.F_QUERY:
+            words = bytes(body[:-1]).decode("utf-8", "replace").strip().rstrip(";").split()
+            if words and words[0].lower() in _ENDS_TRANSACTION:
+                out.write(m.command_complete("ROLLBACK") + m.READY_IDLE)
+                return True
+            out.write(_idle_timeout_error() + m.READY_FAILED)
+            return False
+        if t == codes.F_SYNC:
+            if not self._aborted_told:
+                out.write(_idle_timeout_error())
+            self._aborted_told = False
+            out.write(m.READY_FAILED)
+            return False
+        if not self._aborted_told:   # extended protocol: one error, then skip to Sync
+            self._aborted_told = True
+            out.write(_idle_timeout_error())
+        return False
+
+    _aborted_told = False
+
+
+_ENDS_TRANSACTION = ("rollback", "commit", "end", "abort")
+
+
+def _idle_timeout_error():
+    return PgError("idle transaction timeout", sqlstate="25P03",
+                   detail="the transaction was idle longer than "
+                          "idle_client_in_transaction_timeout and was rolled back").to_message()
