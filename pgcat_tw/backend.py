@@ -561,9 +561,11 @@ class ServerConnection(Protocol):
     def reset_query(self, transaction_mode):
         """DISCARD ALL, except on a server holding shared prepared statements
         (transaction mode with a cache), where everything but them is reset."""
-        if self.stmts is not None and transaction_mode:
+        if self.stmts is not None and transaction_mode and not self.scanner.sql_prepared:
             return KEEP_STATEMENTS_RESET
         if self.stmts is not None:
+            # (An SQL PREPARE's statement must go too: the shared ones are
+            # prepared again where they are needed.)
             self.stmts.clear()
         return "DISCARD ALL"
 
@@ -578,7 +580,7 @@ class ServerConnection(Protocol):
             if any(r.error for r in results) or self.scanner.tx_status != codes.TX_IDLE:
                 pool.discard(self)
             else:
-                self.scanner.dirty = False
+                self.scanner.dirty = self.scanner.sql_prepared = False
                 pool.release(self)
 
         def failed(f):

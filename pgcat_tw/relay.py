@@ -314,7 +314,7 @@ class ClientScanner(Scanner):
 class ServerScanner(Scanner):
     __slots__ = ("client", "tx_status", "rfq", "params", "dirty", "errors", "stmts", "edits",
                  "rfqs", "xacts", "received", "sent", "sent_mark", "bound_at", "query_start",
-                 "query_time", "xact_time", "binds", "cancelled_at")
+                 "query_time", "xact_time", "binds", "cancelled_at", "sql_prepared")
 
     def __init__(self):
         Scanner.__init__(self, SERVER_WANT)
@@ -323,6 +323,7 @@ class ServerScanner(Scanner):
         self.rfq = False          # a ReadyForQuery arrived in this chunk
         self.params = ParameterValues()  # the server's current reported parameters
         self.dirty = False        # session state left behind: reset before reuse
+        self.sql_prepared = False # ... an SQL PREPARE among it (DISCARD ALL then)
         self.stmts = None         # prepared.ServerStatements in prepared mode
         self.edits = []           # (header position, None=cut | new type) for this chunk
         # Statistics (stats.py): requests answered (ReadyForQuery), transactions
@@ -489,6 +490,8 @@ class ServerScanner(Scanner):
             if tag is not None and buf.startswith(tag, start) \
                     and (end - start == len(tag) or buf[start + len(tag)] in (0, 32)):
                 self.dirty = True
+                if first == 80:   # PREPARE
+                    self.sql_prepared = True
             elif first == 68 and self.stmts is not None and (
                     buf.startswith(b"DISCARD ALL", start)
                     or buf.startswith(b"DEALLOCATE ALL", start)):

@@ -314,6 +314,27 @@ class DDLTests(PreparedTestCase):
 
 
 class SqlLevelTests(PreparedTestCase):
+    def test_sql_prepare_inside_a_transaction(self):
+        """Inside an explicit transaction the server is the client's until it
+        ends: SQL PREPARE/EXECUTE/DEALLOCATE run there, and the server is
+        reset before its next client."""
+        def go():
+            with psycopg.connect(self.pooler.dsn()) as conn:
+                conn.execute("PREPARE in_tx AS select 40 + 2", prepare=False)
+                got = conn.execute("EXECUTE in_tx", prepare=False).fetchone()[0]
+                conn.execute("DEALLOCATE in_tx", prepare=False)
+                conn.execute("PREPARE in_tx2 AS select 1", prepare=False)
+                conn.commit()
+            with psycopg.connect(self.pooler.dsn(), autocommit=True) as conn:
+                left = conn.execute("select count(*) from pg_prepared_statements "
+                                    "where name like 'in_tx%'", prepare=False).fetchone()[0]
+            return got, left
+
+        def check(result):
+            self.assertEqual(result, (42, 0))
+
+        return in_thread(go).addCallback(check)
+
     @defer.inlineCallbacks
     def test_sql_prepare_refused_deallocate_answered(self):
         def go():

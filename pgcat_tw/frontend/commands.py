@@ -94,6 +94,11 @@ class Commands:
             return False
         sc = self.scanner
         status = self.server.scanner.tx_status if bound else codes.TX_IDLE
+        if kind in ("prepare", "execute", "deallocate") and status != codes.TX_IDLE:
+            # Inside an explicit transaction the server is this client's
+            # until it ends (and PREPARE marks it for a reset): the server
+            # answers.
+            return False
         if kind in ("prepare", "execute"):
             err = PgError(
                 f"SQL {kind.upper()} is not supported in transaction pooling mode: the "
