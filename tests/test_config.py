@@ -60,15 +60,30 @@ def shard(data, key="0"):
     return data["pools"]["app"]["shards"][key]
 
 
+NOT_ACTED_ON = "accepted but not acted on in this release"
+
+
 class ConfFilesTests(SynchronousTestCase):
     def test_conf_files_load_without_warnings(self):
+        """The examples load; only conf/pgcat.toml, which sets every key,
+        warns, and only for the keys this release does not act on."""
         paths = sorted(glob.glob(os.path.join(CONF_DIR, "*.toml")))
-        self.assertIn(os.path.join(CONF_DIR, "pgcat.toml"), paths)
+        everything = os.path.join(CONF_DIR, "pgcat.toml")
+        self.assertIn(everything, paths)
         self.assertIn(os.path.join(CONF_DIR, "pgcat.minimal.toml"), paths)
         for path in paths:
             cfg, warnings = config.load(path)
-            self.assertEqual(warnings, [], path)
             self.assertEqual(cfg.path, path)
+            if path != everything:
+                self.assertEqual(warnings, [], path)
+                continue
+            self.assertEqual(
+                sorted(w.split(": ")[1] for w in warnings),
+                ["general.validate_config", "general.worker_threads",
+                 "pools.app.regex_search_limit", "pools.app.shard_id_regex",
+                 "pools.app.sharding_key_regex"])
+            for w in warnings:
+                self.assertIn(NOT_ACTED_ON, w)
 
     def test_example_documents_every_key(self):
         with open(os.path.join(CONF_DIR, "pgcat.toml")) as f:
@@ -292,7 +307,8 @@ class ParsedValuesTests(SynchronousTestCase):
         }
         pool(data)["query_parser_enabled"] = True
         cfg, warnings = config.from_dict(data)
-        self.assertEqual(warnings, [])
+        self.assertEqual(sorted(w.split(": ")[1] for w in warnings),
+                         ["plugins.query_logger", "pools.app.query_parser_enabled"])
         plugins = cfg.plugins_for(cfg.pool("app"))
         self.assertIs(plugins, cfg.plugins)
         self.assertTrue(plugins["query_logger"]["enabled"])
@@ -304,9 +320,10 @@ class ParsedValuesTests(SynchronousTestCase):
         data = base()
         data["plugins"] = {"query_logger": {"enabled": True}}
         _, warnings = config.from_dict(data)
-        self.assertEqual(len(warnings), 1)
-        self.assertIn("pools.app:", warnings[0])
-        self.assertIn("query_parser_enabled", warnings[0])
+        self.assertEqual(len(warnings), 2, warnings)
+        self.assertIn("plugins.query_logger: " + NOT_ACTED_ON, warnings[0])
+        self.assertIn("pools.app:", warnings[1])
+        self.assertIn("query_parser_enabled", warnings[1])
 
 
 class ErrorTests(SynchronousTestCase):
@@ -587,11 +604,22 @@ class ErrorTests(SynchronousTestCase):
         self.assertConfigError(data, "pools.app.shards.0.servers", "primary")
 
     def test_no_duplicate_servers(self):
+        """As in PgCat, a server listed twice in the same role is an error;
+        in two roles (PgCat's docker example) it is a warning."""
         data = base()
-        shard(data)["servers"] = [["a", 1, "primary"], ["a", 1, "replica"]]
-        self.assertConfigError(data, "pools.app.shards.0.servers.1", "duplicate", "a:1")
+        shard(data)["servers"] = [["a", 1, "primary"], ["a", 1, "replica"],
+                                  ["a", 1, "replica"]]
+        self.assertConfigError(data, "pools.app.shards.0.servers.2", "duplicate", "a:1",
+                               "(replica)", "pools.app.shards.0.servers.1")
         shard(data)["servers"] = [["a", 1, "primary"], ["a", 2, "replica"]]
-        config.from_dict(data)
+        self.assertEqual(config.from_dict(data)[1], [])
+        shard(data)["servers"] = [["a", 1, "primary"], ["a", 1, "replica"]]
+        cfg, warnings = config.from_dict(data, "t.toml")
+        self.assertEqual(warnings, [
+            "t.toml: pools.app.shards.0.servers.1: a:1 is also pools.app.shards.0.servers.0"
+            " (primary); as in PgCat, it serves in both roles"])
+        self.assertEqual([s.role for s in cfg.pool("app").shards[0].servers],
+                         ["primary", "replica"])
 
     def test_mirror_index_in_range(self):
         data = base()
@@ -675,12 +703,10 @@ class ErrorTests(SynchronousTestCase):
         data["general"]["tls_certificate"] = "/no/such/cert.pem"
         config.from_dict(data)
 
-    def test_duplicate_usernames(self):
+    def test_duplicate_username_is_checked_like_the_others(self):
         data = base()
-        pool(data)["users"]["1"] = {"username": "alice", "password": "x", "pool_size": 1}
-        self.assertConfigError(
-            data, "pools.app.users.1.username", '"alice"', "pools.app.users.0"
-        )
+        pool(data)["users"]["1"] = {"username": "alice", "password": "x", "pool_size": 0}
+        self.assertConfigError(data, "pools.app.users.1.pool_size", "positive integer")
 
 
 class WarningTests(SynchronousTestCase):
@@ -711,6 +737,30 @@ class WarningTests(SynchronousTestCase):
             ),
         )
         self.assertEqual(cfg.pool("app").pool_mode, "transaction")
+
+    def test_duplicate_usernames(self):
+        """PgCat keeps the user whose key sorts last (its users are a map
+        sorted by key, its pools one per username); so does pgcat_tw, with a
+        warning naming both."""
+        data = base()
+        pool(data)["users"]["1"] = {"username": "alice", "password": "x", "pool_size": 1}
+        pool(data)["users"]["2"] = {"username": "bob", "password": "y", "pool_size": 2}
+        cfg, warnings = config.from_dict(data, "t.toml")
+        self.assertEqual(warnings, [
+            't.toml: pools.app.users.0.username: duplicate username "alice", also'
+            " pools.app.users.1: that one is used, as in PgCat (the key that sorts"
+            " last), and this user is ignored"])
+        users = cfg.pool("app").users
+        self.assertEqual([(u.key, u.username, u.pool_size) for u in users],
+                         [("1", "alice", 1), ("2", "bob", 2)])
+        # String order, as PgCat's map: "10" sorts before "9".
+        data = base()
+        pool(data)["users"] = {
+            "9": {"username": "alice", "password": "a", "pool_size": 9},
+            "10": {"username": "alice", "password": "b", "pool_size": 10}}
+        cfg, warnings = config.from_dict(data)
+        self.assertEqual([u.key for u in cfg.pool("app").users], ["9"])
+        self.assertIn("pools.app.users.10.username", warnings[0])
 
     def test_top_level_path_key_accepted(self):
         cfg, warnings = config.parse('path = "elsewhere.toml"\n' + MINIMAL_TOML, "real.toml")

@@ -3,7 +3,8 @@
 Pure Python (no Twisted): the file is read with ``tomli`` into frozen,
 hashable dataclasses.  Every key PgCat knows is accepted with PgCat's *code*
 default (``src/config.rs``), plus a few pgcat_tw extensions.  Unknown keys are
-not errors (PgCat silently ignores them); they are reported as warnings.  The
+not errors (PgCat silently ignores them); they are reported as warnings, as
+are the keys this release accepts but does not act on.  The
 first problem found raises :class:`ConfigError`, formatted as
 ``"{file}: {keypath}: {problem}"``.
 
@@ -23,10 +24,13 @@ The package, from the bottom up:
     The key tables (``GENERAL_SPEC``, ``POOL_SPEC``, ``USER_SPEC``,
     ``SHARD_SPEC``, ``PLUGIN_SPECS``, ...): which keys each TOML table has and
     their checkers, checked against the dataclass fields at import.
+``inactive``
+    The keys this release accepts but does not act on, and when their value
+    asks for nothing pgcat_tw does not do anyway (no warning then).
 ``parser``
     ``_Parser`` walks the TOML tables against the specs, collects warnings
-    and checks what spans keys; ``from_dict``, ``parse`` and ``load`` are its
-    entry points.
+    (unknown keys, keys not acted on) and checks what spans keys;
+    ``from_dict``, ``parse`` and ``load`` are its entry points.
 
 Public API (all re-exported here)::
 

@@ -4,7 +4,8 @@ Pure Python (no Twisted): the file is read with ``tomli`` and checked
 against the key specs (:mod:`pgcat_tw.config.specs`) by :class:`_Parser`.
 Unknown keys are not errors (PgCat silently ignores them); they are
 reported as warnings so a typo such as ``prepared_statement_cache_size``
-does not go unnoticed.  The first problem found raises
+does not go unnoticed; so are the keys this release accepts but does not
+act on (:mod:`pgcat_tw.config.inactive`).  The first problem found raises
 :class:`~pgcat_tw.config.model.ConfigError`.
 
     parse(text, path="<string>") -> (Config, warnings)
@@ -23,6 +24,7 @@ import tomli
 
 from pgcat_tw.auth import md5 as _md5
 from pgcat_tw.auth import scram as _scram
+from pgcat_tw.config import inactive
 from pgcat_tw.config.model import (
     Config,
     ConfigError,
@@ -89,6 +91,12 @@ class _Parser:
     def warn(self, keypath: str, problem: str):
         self.warnings.append(f"{self.path}: {keypath}: {problem}")
 
+    def not_acted_on(self, keypath: str, table, values: dict, obj):
+        """Warn for the keys of ``values`` this release does not act on
+        (:mod:`pgcat_tw.config.inactive`)."""
+        for key, problem in inactive.section_warnings(table, values, obj):
+            self.warn(_key(keypath, key), problem)
+
     def table(self, value: Any, keypath: str) -> dict:
         if not isinstance(value, dict):
             self.fail(keypath, f"must be a table, got {_show(value)}")
@@ -133,6 +141,8 @@ class _Parser:
         plugins = None
         if "plugins" in data:
             plugins = self.plugins(data["plugins"], "plugins")
+            for name, problem in inactive.plugin_warnings(plugins):
+                self.warn(_key("plugins", name), problem)
         pools = []
         for name, raw in self.table(data.get("pools", {}), "pools").items():
             pools.append(self.pool(name, raw, general))
@@ -152,6 +162,7 @@ class _Parser:
     def general(self, table: dict) -> General:
         values = self.section(table, "general", General, GENERAL_SPEC)
         general = General(**values)
+        self.not_acted_on("general", inactive.GENERAL, values, general)
         if general.tls_certificate is not None and general.tls_private_key is None:
             self.fail("general.tls_certificate", "requires tls_private_key to be set")
         if general.tls_private_key is not None and general.tls_certificate is None:
@@ -247,6 +258,8 @@ class _Parser:
         users = self.users(table, keypath, auth_query)
         shards = self.shards(table, keypath)
         pool = Pool(name=name, users=users, shards=shards, plugins=plugins, **values)
+        self.not_acted_on(keypath, inactive.POOL, values, pool)
+        self.pool_warnings(pool, keypath)
 
         if pool.query_parser_read_write_splitting and not pool.query_parser_enabled:
             self.fail(
@@ -265,40 +278,68 @@ class _Parser:
                 )
         return pool
 
+    def pool_warnings(self, pool: Pool, keypath: str):
+        """Shards beyond the first, mirrors and pool plugins: accepted, not
+        acted on."""
+        problem = inactive.shards_warning(pool)
+        if problem:
+            self.warn(_key(keypath, "shards"), problem)
+        for shard in pool.shards:
+            problem = inactive.mirrors_warning(shard)
+            if problem:
+                self.warn(_key(keypath, "shards", shard.index, "mirrors"), problem)
+        for name, problem in inactive.plugin_warnings(pool.plugins):
+            self.warn(_key(keypath, "plugins", name), problem)
+
     def users(self, table: dict, keypath: str, auth_query: bool) -> tuple[User, ...]:
         keypath = _key(keypath, "users")
         users_table = self.table(table.get("users"), keypath) if "users" in table else None
         if not users_table:
             self.fail(keypath, "is required" if users_table is None else "must not be empty")
-        users = []
-        seen: dict[str, str] = {}  # username -> user key
-        for key, raw in users_table.items():
-            user_path = _key(keypath, key)
-            values = self.section(self.table(raw, user_path), user_path, User, USER_SPEC)
-            user = User(key=key, **values)
-            if user.username in seen:
-                self.fail(
-                    _key(user_path, "username"),
-                    f"duplicate username {_show(user.username)}"
-                    f" (also used by {_key(keypath, seen[user.username])})",
+        users = [self.user(key, raw, _key(keypath, key), auth_query)
+                 for key, raw in users_table.items()]
+        return self.without_shadowed(users, keypath)
+
+    def user(self, key: str, raw: Any, user_path: str, auth_query: bool) -> User:
+        values = self.section(self.table(raw, user_path), user_path, User, USER_SPEC)
+        user = User(key=key, **values)
+        self.secret(_key(user_path, "password"), user.password, user.auth_type)
+        if user.server_password is not None and _scram.is_scram_secret(user.server_password):
+            self.secret(_key(user_path, "server_password"), user.server_password, "md5")
+        if user.password is None and user.auth_type != "trust" and not auth_query:
+            self.fail(
+                _key(user_path, "password"),
+                'is required unless auth_type is "trust" or auth_query is configured',
+            )
+        if user.min_pool_size > user.pool_size:
+            self.fail(
+                _key(user_path, "min_pool_size"),
+                f"must not exceed pool_size (min_pool_size {user.min_pool_size}"
+                f" > pool_size {user.pool_size})",
+            )
+        self.not_acted_on(user_path, inactive.USER, values, user)
+        return user
+
+    def without_shadowed(self, users: list[User], keypath: str) -> tuple[User, ...]:
+        """One user per username. PgCat keeps its users in a map sorted by
+        key and builds one pool per (pool, username), so of two users with
+        the same username the one whose key sorts last is used; so here,
+        with a warning for each user left out."""
+        winner: dict[str, User] = {}
+        for user in users:
+            other = winner.get(user.username)
+            if other is None or user.key > other.key:
+                winner[user.username] = user
+        for user in users:
+            used = winner[user.username]
+            if used is not user:
+                self.warn(
+                    _key(keypath, user.key, "username"),
+                    f"duplicate username {_show(user.username)}, also"
+                    f" {_key(keypath, used.key)}: that one is used, as in PgCat"
+                    " (the key that sorts last), and this user is ignored",
                 )
-            seen[user.username] = key
-            self.secret(_key(user_path, "password"), user.password, user.auth_type)
-            if user.server_password is not None and _scram.is_scram_secret(user.server_password):
-                self.secret(_key(user_path, "server_password"), user.server_password, "md5")
-            if user.password is None and user.auth_type != "trust" and not auth_query:
-                self.fail(
-                    _key(user_path, "password"),
-                    'is required unless auth_type is "trust" or auth_query is configured',
-                )
-            if user.min_pool_size > user.pool_size:
-                self.fail(
-                    _key(user_path, "min_pool_size"),
-                    f"must not exceed pool_size (min_pool_size {user.min_pool_size}"
-                    f" > pool_size {user.pool_size})",
-                )
-            users.append(user)
-        return tuple(users)
+        return tuple(u for u in users if winner[u.username] is u)
 
     def shards(self, table: dict, keypath: str) -> tuple[Shard, ...]:
         keypath = _key(keypath, "shards")
@@ -331,8 +372,9 @@ class _Parser:
         )
 
     def servers(self, raw_servers: Any, keypath: str) -> tuple[ServerAddress, ...]:
-        """A shard's ``servers``: [host, port, role] rows, no duplicate
-        host:port, at most one primary."""
+        """A shard's ``servers``: [host, port, role] rows, at most one
+        primary. As in PgCat, a host:port listed twice in the same role is an
+        error, and in two roles a warning (PgCat uses it in both)."""
         if raw_servers is None:
             self.fail(keypath, "is required")
         if not isinstance(raw_servers, list) or not raw_servers:
@@ -341,17 +383,25 @@ class _Parser:
                 f"must be a non-empty array of [host, port, role], got {_show(raw_servers)}",
             )
         servers = []
-        seen = set()
+        in_role: dict[tuple[str, int, str], int] = {}   # (host, port, role) -> index
+        first: dict[tuple[str, int], ServerAddress] = {}
         for i, raw in enumerate(raw_servers):
             item_path = _key(keypath, i)
             host, port, role = self.triple(raw, item_path, "[host, port, role]")
             host = self.check(NON_EMPTY_STRING, host, _key(item_path, 0))
             port = self.check(PORT, port, _key(item_path, 1))
             role = self.check(ROLE, role, _key(item_path, 2))
-            if (host, port) in seen:
-                self.fail(item_path, f"duplicate server {host}:{port}")
-            seen.add((host, port))
-            servers.append(ServerAddress(host=host, port=port, role=role, index=i))
+            if (host, port, role) in in_role:
+                self.fail(item_path, f"duplicate server {host}:{port} ({role}), also"
+                          f" {_key(keypath, in_role[host, port, role])}")
+            other = first.get((host, port))
+            if other is not None:
+                self.warn(item_path, f"{host}:{port} is also {_key(keypath, other.index)}"
+                          f" ({other.role}); as in PgCat, it serves in both roles")
+            address = ServerAddress(host=host, port=port, role=role, index=i)
+            in_role[host, port, role] = i
+            first.setdefault((host, port), address)
+            servers.append(address)
         if sum(s.role == "primary" for s in servers) > 1:
             self.fail(keypath, "at most one server may have the primary role")
         return tuple(servers)

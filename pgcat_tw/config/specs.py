@@ -17,6 +17,7 @@ from typing import Any, Callable
 from pgcat_tw.config.model import FrozenMap, General, Pool, User
 from pgcat_tw.config.values import (
     AUTH_TYPE,
+    AUTORELOAD,
     BOOL,
     DEFAULT_SHARD,
     NON_EMPTY_STRING,
@@ -50,7 +51,7 @@ GENERAL_SPEC: _SpecT = {
     "ban_time": NON_NEGATIVE,
     "log_client_connections": BOOL,
     "log_client_disconnections": BOOL,
-    "autoreload": POSITIVE,
+    "autoreload": AUTORELOAD,
     "worker_threads": POSITIVE,
     "tcp_keepalives_idle": NON_NEGATIVE,
     "tcp_keepalives_count": NON_NEGATIVE,

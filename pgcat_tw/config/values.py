@@ -48,6 +48,20 @@ POSITIVE = _integer(1, None, "a positive integer")
 PORT = _integer(1, 65535, "a port number (1-65535)")
 
 
+def AUTORELOAD(value):
+    """``autoreload``: PgCat's polling interval in ms; PgCat releases before
+    it took a boolean (``true``: every 15 s, ``false``: off), and their
+    sample files still say ``autoreload = false``."""
+    if value is True:
+        return 15000
+    if value is False:
+        return None
+    if type(value) is not int or value < 1:
+        raise _Invalid("must be a positive integer (milliseconds) or a boolean,"
+                       f" got {_show(value)}")
+    return value
+
+
 def BOOL(value):
     if not isinstance(value, bool):
         raise _Invalid(f"must be a boolean (true or false), got {_show(value)}")

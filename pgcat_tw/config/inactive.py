@@ -1,0 +1,120 @@
+"""The keys this release accepts and validates but does not act on.
+
+PgCat's files use them, so they load; the parser warns for each one the file
+sets to a value that asks for something pgcat_tw does not do::
+
+    {file}: {keypath}: accepted but not acted on in this release ({what})
+
+A value is *inert* when it asks for nothing beyond what pgcat_tw does anyway
+(the feature switched off, or PgCat's behaviour already matched): then there
+is no warning, so ``query_parser_enabled = false`` is silent and ``= true``
+warns. A key the file leaves out is never warned about.
+
+Each table maps a key of one TOML table to ``(inert, what)``:
+``inert(value, obj)`` gets the checked value and the section's dataclass
+(``General``, ``Pool`` or ``User``). When a feature lands, its keys leave
+these tables (README.rst, "Settings in effect now", lists what is acted on).
+
+Pure Python, like the rest of the package.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+__all__ = ["GENERAL", "POOL", "USER", "MESSAGE", "section_warnings", "shards_warning",
+           "mirrors_warning", "plugin_warnings"]
+
+MESSAGE = "accepted but not acted on in this release ({what})"
+
+_Table = dict[str, tuple[Callable[[Any, Any], bool], str]]
+
+
+def _never(value, obj) -> bool:
+    return False
+
+
+def _false(value, obj) -> bool:
+    return value is False
+
+
+def _parser_off(value, obj) -> bool:
+    return not obj.query_parser_enabled
+
+
+def _one_shard(value, obj) -> bool:
+    return len(obj.shards) == 1
+
+
+def _no_regex(value, obj) -> bool:
+    return obj.sharding_key_regex is None and obj.shard_id_regex is None
+
+
+def _activity_off(value, obj) -> bool:
+    return not obj.db_activity_based_routing
+
+
+_SHARDING = "sharding: clients are served by shard 0"
+_PARSER = "queries are not parsed; the role is default_role's or SET SERVER ROLE's"
+_ACTIVITY = "reads are not routed by recent writes"
+
+GENERAL: _Table = {
+    "worker_threads": (_never, "pgcat_tw runs one event loop per process"),
+    "validate_config": (_false, "a server that cannot be reached does not stop the start"),
+    "dns_cache_enabled": (_false, "host names are resolved at every connect"),
+    "dns_max_ttl": (lambda v, g: not g.dns_cache_enabled,
+                    "host names are resolved at every connect"),
+}
+
+POOL: _Table = {
+    "query_parser_enabled": (_false, _PARSER),
+    "query_parser_max_length": (_parser_off, _PARSER),
+    "query_parser_read_write_splitting": (_false, _PARSER),
+    "automatic_sharding_key": (_parser_off, _SHARDING),
+    "sharding_function": (_one_shard, _SHARDING),
+    "sharding_key_regex": (_never, _SHARDING),
+    "shard_id_regex": (_never, _SHARDING),
+    "regex_search_limit": (_no_regex, _SHARDING),
+    "default_shard": (lambda v, p: v == "shard_0" or len(p.shards) == 1, _SHARDING),
+    "cleanup_server_connections": (lambda v, p: v is True,
+                                   "servers are always reset between clients"),
+    "log_client_parameter_status_changes": (_false, "ParameterStatus changes are not logged"),
+    "db_activity_based_routing": (_false, _ACTIVITY),
+    "db_activity_init_delay": (_activity_off, _ACTIVITY),
+    "db_activity_ttl": (_activity_off, _ACTIVITY),
+    "table_mutation_cache_ms_ttl": (_activity_off, _ACTIVITY),
+}
+
+# Every key of [pools.<name>.users.<key>] is acted on.
+USER: _Table = {}
+
+
+def section_warnings(table: _Table, values: dict, obj) -> list[tuple[str, str]]:
+    """(key, problem) for each key of ``values`` (the keys the file sets,
+    checked) that ``table`` lists and whose value is not inert."""
+    out = []
+    for key, value in values.items():
+        entry = table.get(key)
+        if entry is not None and not entry[0](getattr(obj, key), obj):
+            out.append((key, MESSAGE.format(what=entry[1])))
+    return out
+
+
+def shards_warning(pool) -> str | None:
+    """The problem text for a pool with more than one shard, or None."""
+    others = [str(s.index) for s in pool.shards[1:]]
+    if not others:
+        return None
+    return MESSAGE.format(what=f"{_SHARDING}; shard(s) {', '.join(others)} get no queries")
+
+
+def mirrors_warning(shard) -> str | None:
+    return MESSAGE.format(what="no traffic is mirrored") if shard.mirrors else None
+
+
+def plugin_warnings(plugins) -> list[tuple[str, str]]:
+    """(plugin name, problem) for each enabled plugin of a plugins table."""
+    if plugins is None:
+        return []
+    return [(name, MESSAGE.format(what="the plugin does not run"))
+            for name, settings in plugins.items() if settings["enabled"]]
