@@ -20,8 +20,8 @@ the material they started with.
 """
 
 import hashlib
+import re
 
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
@@ -31,8 +31,14 @@ ALPN_PROTOCOL = b"postgresql"
 
 
 class TLSError(Exception):
-    """A certificate, key or CA file that cannot be used; the message names
-    the setting and the file."""
+    """A certificate, key or CA file that cannot be used. ``setting`` is the
+    [general] key (``tls_private_key``), ``problem`` names the file and what
+    is wrong; ``str(e)`` is both."""
+
+    def __init__(self, setting, problem):
+        super().__init__(f"{setting} {problem}")
+        self.setting = setting
+        self.problem = problem
 
 
 def _read(path, setting):
@@ -40,29 +46,67 @@ def _read(path, setting):
         with open(path, "rb") as f:
             return f.read()
     except OSError as e:
-        raise TLSError(f"{setting} {path!r}: cannot read: {e.strerror or e}") from None
+        raise TLSError(setting, f"{path!r}: cannot read: {e.strerror or e}") from None
+
+
+# Files are read by OpenSSL (through pyOpenSSL), the library that serves
+# them: what it can use is never refused. (cryptography's own PEM reader is
+# stricter: it refuses, e.g., a PKCS#8 key under a "BEGIN RSA PRIVATE KEY"
+# header, which OpenSSL and PgCat's rustls-pemfile read; PgCat's CI key is one.)
+
+_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----.*?-----END \1-----", re.DOTALL)
+# The labels OpenSSL's PEM_read_bio_X509 takes for a certificate.
+_CERT_LABELS = (b"CERTIFICATE", b"X509 CERTIFICATE", b"TRUSTED CERTIFICATE")
 
 
 def load_certificates(path, setting):
-    """Every certificate of a PEM file, as pyOpenSSL X509 objects."""
+    """Every certificate of a PEM file, in order, as pyOpenSSL X509
+    objects; other PEM blocks (a key in the same file) are skipped, as
+    OpenSSL's chain loading does."""
     data = _read(path, setting)
-    try:
-        certs = x509.load_pem_x509_certificates(data)
-    except ValueError as e:
-        raise TLSError(f"{setting} {path!r}: not a PEM certificate file ({e})") from None
-    return [crypto.X509.from_cryptography(c) for c in certs]
+    certs = []
+    for n, block in enumerate(_PEM_BLOCK.finditer(data), 1):
+        if block.group(1) not in _CERT_LABELS:
+            continue
+        try:
+            certs.append(crypto.load_certificate(crypto.FILETYPE_PEM, block.group(0)))
+        except crypto.Error as e:
+            label = block.group(1).decode()
+            raise TLSError(setting, f"{path!r}: PEM block {n} ({label}) is not a certificate "
+                           f"OpenSSL can load (OpenSSL: {_ssl_reason(e)})") from None
+    if not certs:
+        raise TLSError(setting, f"{path!r}: no PEM certificate in the file "
+                       "(-----BEGIN CERTIFICATE----- ...)")
+    return certs
+
+
+class _Encrypted(Exception):
+    pass
+
+
+def _no_passphrase(*args):
+    # Called by OpenSSL for an encrypted key (instead of asking on the terminal).
+    raise _Encrypted()
 
 
 def load_private_key(path, setting):
+    """The private key of a PEM file, read by OpenSSL as a server reads it
+    (PKCS#1, PKCS#8 or SEC1, whatever the header says)."""
     data = _read(path, setting)
+    labels = [m.group(1) for m in _PEM_BLOCK.finditer(data)]
+    if not any(label.endswith(b"PRIVATE KEY") for label in labels):
+        found = (f"; it has {', '.join(sorted({label.decode() for label in labels}))}"
+                 if labels else "")
+        raise TLSError(setting, f"{path!r}: no PEM private key in the file "
+                       f"(-----BEGIN PRIVATE KEY----- ...){found}")
     try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except TypeError:
-        raise TLSError(f"{setting} {path!r}: the private key is encrypted "
+        return crypto.load_privatekey(crypto.FILETYPE_PEM, data, _no_passphrase)
+    except _Encrypted:
+        raise TLSError(setting, f"{path!r}: the private key is encrypted "
                        "(a key without a passphrase is needed)") from None
-    except (ValueError, Exception) as e:  # noqa: BLE001 - cryptography's UnsupportedAlgorithm
-        raise TLSError(f"{setting} {path!r}: not a PEM private key ({e})") from None
-    return crypto.PKey.from_cryptography_key(key)
+    except crypto.Error as e:
+        raise TLSError(setting, f"{path!r}: not a private key OpenSSL can load "
+                       f"(OpenSSL: {_ssl_reason(e)})") from None
 
 
 def end_point_hash(cert):
@@ -109,16 +153,18 @@ def client_side_options(general):
         # certificate is reported here and not at the first client.
         options.getContext()
     except (SSL.Error, ValueError) as e:
-        raise TLSError(f"tls_certificate {general.tls_certificate!r} and tls_private_key "
-                       f"{general.tls_private_key!r} cannot be used together: "
+        raise TLSError("tls_private_key", f"{general.tls_private_key!r} and tls_certificate "
+                       f"{general.tls_certificate!r} cannot be used together: "
                        f"{_ssl_reason(e)}") from None
     return options
 
 
 def _ssl_reason(err):
+    """OpenSSL's error queue as text: the reasons, in order, once each."""
     args = getattr(err, "args", None)
     if args and isinstance(args[0], list):
         parts = [item[-1] for item in args[0] if isinstance(item, tuple) and item]
+        parts = [p for i, p in enumerate(parts) if p and p not in parts[:i]]
         if parts:
             return ", ".join(parts)
     return str(err) or err.__class__.__name__
