@@ -1,10 +1,15 @@
 """twistd plugin glue: ``twistd [-n] pgcat -c pgcat.toml``."""
 
+import os
 import sys
 
 from twisted.python import usage
 
 from pgcat_tw.config import ConfigError, load
+
+
+class _BadConfig(usage.UsageError):
+    """The configuration file cannot be used (not a command-line mistake)."""
 
 
 class Options(usage.Options):
@@ -14,18 +19,45 @@ class Options(usage.Options):
         ["config", "c", "pgcat.toml", "Path to the PgCat-format configuration file."],
     ]
 
+    def parseOptions(self, options=None):
+        """As usage.Options does, but a usage error or a file that cannot be
+        used ends the process with status 1 here. twistd's own handler
+        prints the error and, before Twisted 26.10 (twisted#12656), returns
+        normally, so twistd exited 0: Twisted 26.10 needs Python 3.10, and
+        PyPy 3.9 has 26.4 at most."""
+        try:
+            usage.Options.parseOptions(self, options)
+        except usage.UsageError as e:
+            _exit_with_error(str(e), None if isinstance(e, _BadConfig) else str(self))
+
     def postOptions(self):
         try:
             self.loaded = load(self["config"])
+            check_tls_files(self.loaded[0])
         except ConfigError as e:
-            raise usage.UsageError(str(e))
-        # Certificates and keys must load (PgCat validates them at start too).
-        from pgcat_tw.tls import TLSError, TLSState
+            raise _BadConfig(str(e)) from None
 
-        try:
-            TLSState(self.loaded[0].general)
-        except TLSError as e:
-            raise usage.UsageError(f"{self['config']}: general: {e}")
+
+def check_tls_files(config):
+    """Load the certificates and keys of ``config`` with the code that will
+    serve them (pgcat_tw.tls.TLSState: pyOpenSSL), as PgCat validates them
+    at start. Raises ConfigError naming the file, the key path and the
+    problem."""
+    from pgcat_tw.tls import TLSError, TLSState
+
+    try:
+        TLSState(config.general)
+    except TLSError as e:
+        raise ConfigError(config.path, f"general.{e.setting}", e.problem) from None
+
+
+def _exit_with_error(message, usage_text=None):
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "twistd"
+    if usage_text:
+        sys.stderr.write(usage_text.rstrip("\n") + "\n")
+    sys.stderr.write(f"{prog}: {message}\n")
+    sys.stderr.flush()
+    raise SystemExit(1)
 
 
 def _line_buffered_stderr():
