@@ -42,7 +42,8 @@ PIP_ARGS = ("--only-binary", "cryptography")
 # Unit-test modules whose tests use no client library: they run under PyPy.
 UNIT_MODULES = ("tests.test_framing", "tests.test_relay", "tests.test_pool",
                 "tests.test_fastpoll", "tests.test_handoff", "tests.test_balancer",
-                "tests.test_config", "tests.test_auth")
+                "tests.test_config", "tests.test_auth",
+                "tests.test_pgcat_configs")
 
 def pypy_venv():
     """The PyPy venv, built on first use and cached (as is a failure)."""
@@ -75,6 +76,11 @@ class PyPyForegroundTests(PyPyVenvMixin, test_twistd.PluginInstallTests):
 
 class PyPyDaemonTests(PyPyVenvMixin, test_twistd.DaemonTests):
     """twistd's own daemon mode, --pidfile and --logfile, on PyPy."""
+
+
+class PyPyConfigErrorTests(PyPyVenvMixin, test_twistd.ConfigErrorTests):
+    """A missing or invalid file, or an unusable key, exits non-zero on PyPy
+    too (its Twisted, 26.4, exits 0 after a usage error: pgcat_tw.tap)."""
 
 
 class PyPyReloadTests(PyPyVenvMixin, test_twistd.ReloadTests):

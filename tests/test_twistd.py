@@ -31,6 +31,7 @@ import tempfile
 import threading
 import time
 
+from cryptography.hazmat.primitives.serialization import Encoding
 from twisted.trial import unittest
 from twisted.trial.unittest import FailTest
 
@@ -486,6 +487,61 @@ class ConfigErrorTests(TwistdTestCase):
             self.assertNotEqual(code, 0, out)
             self.assertIn(config, out)
             self.assert_no_traceback(out)
+        return in_thread(run)
+
+    def test_unusable_tls_key(self):
+        """A key OpenSSL cannot load stops the start: non-zero, the message
+        names the file, general.tls_private_key and the problem."""
+        def run():
+            from tests.test_pgcat_configs import ci_pair
+            key = os.path.join(self.tmp, "broken.key")
+            with open(key, "wb") as f:
+                f.write(b"-----BEGIN RSA PRIVATE KEY-----\nMIIEvAIBADAN\n"
+                        b"-----END RSA PRIVATE KEY-----\n")
+            cert = os.path.join(self.tmp, "server.cert")
+            with open(cert, "wb") as f:
+                f.write(ci_pair()[1].public_bytes(Encoding.PEM))
+            config, _ = self.write_config(
+                general=f'tls_certificate = "{cert}"\ntls_private_key = "{key}"')
+            code, out = self.run_twistd("-n", "--pidfile=", "pgcat", "-c", config)
+            self.assertNotEqual(code, 0, out)
+            for fragment in (config, "general.tls_private_key", key,
+                             "not a private key OpenSSL can load"):
+                self.assertIn(fragment, out)
+            self.assert_no_traceback(out)
+        return in_thread(run)
+
+    def test_unknown_option(self):
+        def run():
+            code, out = self.run_twistd("-n", "--pidfile=", "pgcat", "--no-such-option")
+            self.assertNotEqual(code, 0, out)
+            self.assertIn("no-such-option", out)
+        return in_thread(run)
+
+    def test_pkcs8_key_under_rsa_header_serves(self):
+        """PgCat's CI key form (a PKCS#8 body under BEGIN RSA PRIVATE KEY),
+        which OpenSSL reads: the pooler starts and serves TLS with it."""
+        def run():
+            from tests.test_pgcat_configs import ci_pair, pkcs8_under_rsa_header
+            key, cert = ci_pair()
+            paths = {}
+            for name, data in (("server.key", pkcs8_under_rsa_header(key)),
+                               ("server.cert", cert.public_bytes(Encoding.PEM))):
+                paths[name] = os.path.join(self.tmp, name)
+                with open(paths[name], "wb") as f:
+                    f.write(data)
+            config, port = self.write_config(general=(
+                f'tls_certificate = "{paths["server.cert"]}"\n'
+                f'tls_private_key = "{paths["server.key"]}"'))
+            child = self.start_foreground(config, port)
+            env = child_env(PGPASSWORD=USERS["pgcat_md5"], PGSSLMODE="require",
+                            PGCONNECT_TIMEOUT="10")
+            proc = subprocess.run(
+                [PSQL, "-X", "-A", "-t", "-h", "127.0.0.1", "-p", str(port), "-U", "pgcat_md5",
+                 "-d", "pgcat_test", "-c", "select 40 + 2"],
+                capture_output=True, text=True, env=env, timeout=60, stdin=subprocess.DEVNULL)
+            self.assertEqual((proc.returncode, proc.stdout.strip()), (0, "42"),
+                             proc.stderr + child.output()[-2000:])
         return in_thread(run)
 
     def test_port_in_use_foreground(self):
