@@ -34,8 +34,7 @@ def newcomer(target, db, timeout):
     """One fresh ``psql -X -c 'select 1'``: (seconds, error or None)."""
     argv = ["psql", "-X", "-At", "-w", "-h", target.host, "-p", str(target.port),
             "-U", pc.USER, "-d", db, "-c", "select 1"]
-    env = dict(os.environ, PGPASSWORD=pc.PASSWORD,
-               PGCONNECT_TIMEOUT=str(int(math.ceil(timeout))))
+    env = target.client_env(PGCONNECT_TIMEOUT=str(int(math.ceil(timeout))))
     for k in ("PGAPPNAME", "PGCLIENTENCODING", "PGOPTIONS"):
         env.pop(k, None)  # psql's own settings, not the caller's
     t0 = time.monotonic()

@@ -36,6 +36,7 @@ from targets import (  # noqa: F401 (re-exported)
     REPO_DIR,
     TARGET_CLASSES,
     USER,
+    Certificate,
     Postgres,
     find_pg_bin,
 )
@@ -88,7 +89,7 @@ def run_pgbench(target, mode, clients, duration):
             "-j", str(min(clients, 2)), "-T", str(duration),
             "-h", target.host, "-p", str(target.port), "-U", USER,
             target_db(target, mode)]
-    env = dict(os.environ, PGPASSWORD=PASSWORD)
+    env = target.client_env()
     sys.stdout.flush()
     cpu0 = target.cpu_times()
     t0 = time.monotonic()
@@ -275,6 +276,9 @@ def build_parser(description=__doc__.split("\n\n")[0], clients="1,64",
                         "it both reuse the most recently used one first (PgBouncer's "
                         "default). One client then lands on one Postgres backend, not "
                         "on each in turn")
+    p.add_argument("--tls", action="store_true",
+                   help="clients use TLS (sslmode=require): PgBouncer, pgcat_tw and direct "
+                        "Postgres serve one self-signed certificate made in the temp dir")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
     p.add_argument("--no-json", action="store_true",
                    help="do not write bench/results/<timestamp>.json")
@@ -317,7 +321,8 @@ def environment(args):
     pg = None
     targets = []
     try:
-        pg = Postgres(workdir, args.runas, args.pg_bin, args.scale)
+        args.tls_files = Certificate(workdir, args.runas) if args.tls else None
+        pg = Postgres(workdir, args.runas, args.pg_bin, args.scale, tls=args.tls_files)
         pg.start()
         pg.setup()
         for name in args.targets:
@@ -399,10 +404,11 @@ def save_json(args, targets, data, suffix=""):
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = os.path.join(RESULTS_DIR, "%s%s.json" % (stamp, suffix))
     interps = interpreters(targets)
-    cfg = {k: v for k, v in vars(args).items() if k != "runas"}
+    cfg = {k: v for k, v in vars(args).items() if k not in ("runas", "tls_files")}
     with open(path, "w") as f:
         json.dump(dict({
             "timestamp": stamp,
+            "tls_sessions": {t.name: t.tls_session for t in targets if t.tls_session},
             "host": {"node": platform.node(), "cpus": os.cpu_count(),
                      "python": platform.python_version(),
                      "pgcat_tw_interpreter": interps.get("pgcat_tw"),
@@ -422,10 +428,14 @@ def main(argv=None):
             summary = summarize(runs, args.modes, args.clients, names)
             comps = comparisons(summary)
             text = render(summary, comps)
-            print("pgbench -S: medians of %d round(s) x %ds, pool_size=%d, scale=%d"
-                  % (args.rounds, args.duration, args.pool_size, args.scale))
+            print("pgbench -S%s: medians of %d round(s) x %ds, pool_size=%d, scale=%d"
+                  % (" over TLS (sslmode=require)" if args.tls else "", args.rounds,
+                     args.duration, args.pool_size, args.scale))
             for name, interp in interpreters(targets).items():
                 print("%s on %s" % (name, interp))
+            for t in targets:
+                if t.tls_session:
+                    print("%s: %s %s" % ((t.name,) + t.tls_session))
             print(text)
             if not args.no_json:
                 path = save_json(args, targets, {

@@ -25,6 +25,52 @@ PGCAT_TARGETS = ("pgcat_tw", "pgcat_tw_pypy")
 
 
 # ---------------------------------------------------------------------------
+# TLS (--tls)
+# ---------------------------------------------------------------------------
+
+class Certificate:
+    """One self-signed certificate (EC P-256, CN and SAN 127.0.0.1) made with
+    ``openssl`` in ``workdir``; every TLS-terminating target serves it."""
+
+    def __init__(self, workdir, runas):
+        d = os.path.join(workdir, "tls")
+        os.mkdir(d, 0o755)
+        self.cert = os.path.join(d, "server.crt")
+        self.key = os.path.join(d, "server.key")
+        res = subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+             "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2",
+             "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+             "-keyout", self.key, "-out", self.cert], capture_output=True, text=True)
+        if res.returncode != 0:
+            raise BenchError("openssl req failed:\n" + res.stderr)
+        os.chmod(self.key, 0o600)
+        # PgBouncer and Postgres run as runas (Postgres takes its own copy:
+        # it wants a key owned by its user).
+        runas.chown(self.key)
+        runas.chown(self.cert)
+
+
+def tls_session(port, host="127.0.0.1", timeout=10):
+    """(protocol, cipher) that a libpq-like client negotiates with the
+    target: SSLRequest, then a handshake without verification."""
+    import socket
+    import ssl
+    import struct
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["postgresql"])
+    with socket.create_connection((host, port), timeout=timeout) as raw:
+        raw.sendall(struct.pack("!ii", 8, 80877103))
+        if raw.recv(1) != b"S":
+            raise BenchError("port %d refused TLS" % port)
+        with ctx.wrap_socket(raw) as s:
+            return s.version(), s.cipher()[0]
+
+
+# ---------------------------------------------------------------------------
 # Postgres
 # ---------------------------------------------------------------------------
 
@@ -38,7 +84,8 @@ def find_pg_bin():
 
 
 class Postgres:
-    def __init__(self, workdir, runas, pg_bin, scale):
+    def __init__(self, workdir, runas, pg_bin, scale, tls=None):
+        self.tls = tls  # a Certificate: ssl = on with it (target direct, --tls)
         self.workdir = workdir
         self.runas = runas
         self.pg_bin = pg_bin
@@ -77,6 +124,15 @@ class Postgres:
             "password_encryption": "md5",
             "logging_collector": "off",
         }
+        if self.tls is not None:
+            os.mkdir(self.datadir + "_tls", 0o700)
+            self.runas.chown(self.datadir + "_tls")
+            for src, name in ((self.tls.cert, "server.crt"), (self.tls.key, "server.key")):
+                with open(src) as f:
+                    self.runas.write(os.path.join(self.datadir + "_tls", name), f.read())
+            settings.update(ssl="on", ssl_cert_file=os.path.join(self.datadir + "_tls",
+                                                                 "server.crt"),
+                            ssl_key_file=os.path.join(self.datadir + "_tls", "server.key"))
         argv = [os.path.join(self.pg_bin, "postgres"), "-D", self.datadir]
         for k, v in settings.items():
             argv += ["-c", "%s=%s" % (k, v)]
@@ -133,6 +189,18 @@ class Target:
         self.args = args
         self.port = None
         self.proc = None
+        self.tls = getattr(args, "tls_files", None)  # a Certificate with --tls
+        self.tls_session = None  # (protocol, cipher) a client gets, with --tls
+
+    def client_env(self, **extra):
+        """The environment of a libpq client (pgbench, psql) of this target:
+        the password and, with --tls, sslmode=require."""
+        env = dict(os.environ, PGPASSWORD=PASSWORD, **extra)
+        if self.tls is not None:
+            env["PGSSLMODE"] = "require"
+        else:
+            env.pop("PGSSLMODE", None)
+        return env
 
     @property
     def pid(self):
@@ -160,7 +228,7 @@ class Target:
 
     def check(self):
         """One query through the target, to fail early with a clear error."""
-        env = dict(os.environ, PGPASSWORD=PASSWORD, PGCONNECT_TIMEOUT="10")
+        env = self.client_env(PGCONNECT_TIMEOUT="10")
         try:
             res = subprocess.run(
                 ["psql", "-X", "-At", "-h", self.host, "-p", str(self.port),
@@ -174,6 +242,9 @@ class Target:
             raise BenchError("%s: check query failed: %s\n%s"
                              % (self.name, res.stderr.strip(),
                                 self.describe_failure()))
+        if self.tls is not None:
+            self.tls_session = tls_session(self.port)
+            log("%s: TLS %s %s" % ((self.name,) + self.tls_session))
 
 
 class DirectTarget(Target):
@@ -225,8 +296,14 @@ class PgBouncerTarget(Target):
             "log_pooler_errors = 1",
             "stats_period = 3600",
             "server_round_robin = %d" % int(self.args.server_round_robin),
-            "",
-        ]))
+        ] + ([
+            # The same certificate as pgcat_tw; TLS 1.2 and 1.3 (PgBouncer's
+            # "secure"), OpenSSL's default TLS 1.3 suites.
+            "client_tls_sslmode = require",
+            "client_tls_key_file = %s" % self.tls.key,
+            "client_tls_cert_file = %s" % self.tls.cert,
+            "client_tls_protocols = secure",
+        ] if self.tls is not None else []) + [""]))
         self.proc = ServerProcess(
             "pgbouncer", [self.args.pgbouncer, ini],
             os.path.join(d, "stdout.log"), env=runas.env(), cwd=d, runas=runas)
@@ -258,7 +335,9 @@ class PgcatTwTarget(Target):
             f.write(PGCAT_TOML.format(port=self.port, pool_size=self.args.pool_size,
                                       pg_port=self.pg.port, user=USER,
                                       password=PASSWORD, db=DBNAME,
-                                      round_robin=str(self.args.server_round_robin).lower()))
+                                      round_robin=str(self.args.server_round_robin).lower(),
+                                      tls=(PGCAT_TLS.format(cert=self.tls.cert, key=self.tls.key)
+                                           if self.tls is not None else "")))
         env = dict(os.environ)
         # make the repo's twisted/plugins + package importable even when the
         # venv does not have it installed
@@ -306,7 +385,7 @@ connect_timeout = 5000
 # Reuse idle servers in the same order as the PgBouncer it is compared with
 # (--server-round-robin: both FIFO; default: both LIFO, PgBouncer's default).
 server_round_robin = {round_robin}
-
+{tls}
 [pools.{db}]
 pool_mode = "transaction"
 
@@ -334,6 +413,13 @@ pool_size = {pool_size}
 [pools.{db}_prepared.shards.0]
 database = "{db}"
 servers = [["127.0.0.1", {pg_port}, "primary"]]
+"""
+
+# With --tls: the same certificate as PgBouncer's (TLS 1.2 at least, 1.3
+# allowed, as pgcat_tw always does).
+PGCAT_TLS = """\
+tls_certificate = "{cert}"
+tls_private_key = "{key}"
 """
 
 TARGET_CLASSES = {c.name: c for c in (DirectTarget, PgBouncerTarget, PgcatTwTarget,
