@@ -10,7 +10,9 @@
 #   ensure_prometheus         installs Debian's prometheus and prometheus-pgbouncer-exporter
 #                             via apt if missing (tests/test_metrics.py runs both)
 #   ensure_venv               creates .venv (from venv_python) and installs the project
-#                             ('.[test]', not editable)
+#                             ('.[test]', not editable); ensure_libpg_query
+#   ensure_libpg_query        installs Debian's libpg-query1504.0 via apt if missing (the
+#                             query router loads libpg_query with cffi on both interpreters)
 #   venv_python               prints the interpreter .venv is made from
 #   ensure_pypy               finds PyPy ($PGCAT_PYPY, else pypy3 on PATH, else Debian's
 #                             pypy3 via apt) and exports PGCAT_PYPY
@@ -135,8 +137,15 @@ venv_python() {
     fi
 }
 
+ensure_libpg_query() {
+    compgen -G "/usr/lib/*/libpg_query.so.1504.0" >/dev/null \
+        || compgen -G "/usr/lib/libpg_query.so.1504.0" >/dev/null \
+        || apt_install --no-install-recommends libpg-query1504.0
+}
+
 ensure_venv() {
     ensure_python
+    ensure_libpg_query
     if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import sys' >/dev/null 2>&1 \
        || [ ! -x "$VENV/bin/pip" ]; then
         rm -rf "$VENV"
@@ -193,6 +202,7 @@ ensure_pypy() {
 
 ensure_pypy_venv() {
     ensure_pypy || return 1
+    ensure_libpg_query
     if [ ! -x "$PYPY_VENV/bin/python" ] || ! "$PYPY_VENV/bin/python" -c 'import sys' >/dev/null 2>&1; then
         rm -rf "$PYPY_VENV"
         _log "creating $PYPY_VENV with $PGCAT_PYPY"
