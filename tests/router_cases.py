@@ -5,8 +5,8 @@ same statements on a real hot standby).
 Each case: (sql, role, flags). ``R`` = replica-eligible, ``P`` = primary.
 Flags: ``n`` the statement cannot run on its own on the standby (it needs
 parameters, an open transaction or objects the schema below does not make);
-``w`` a write the standby refuses with SQLSTATE 25006 (read-only
-transaction). PgCat issues: #884, #887 and #865 (sqlparser failed on valid
+``w`` a write the standby refuses (read-only transaction, or recovery:
+"cannot assign OIDs during recovery"). PgCat issues: #884, #887 and #865 (sqlparser failed on valid
 SQL and the previous role stayed), #829 (CTE writes), #410 (FOR NO KEY
 UPDATE and other locking clauses), #489 (nextval and other functions with
 side effects).
@@ -26,6 +26,7 @@ CREATE TABLE IF NOT EXISTS orders (id bigint, user_id bigint, total numeric,
     status text, created_at timestamptz);
 CREATE TABLE IF NOT EXISTS queue (id bigint, payload text);
 CREATE TABLE IF NOT EXISTS done (id bigint, payload text);
+INSERT INTO t (id, a, x) VALUES (1, 1, 1), (2, 2, 2) ON CONFLICT DO NOTHING;
 CREATE SEQUENCE IF NOT EXISTS s;
 CREATE OR REPLACE FUNCTION f(int) RETURNS int LANGUAGE sql AS 'SELECT $1';
 CREATE OR REPLACE FUNCTION my_schema.f(int) RETURNS int LANGUAGE sql AS 'SELECT $1';
@@ -140,7 +141,7 @@ CASES = [
     ("WITH x AS (UPDATE t SET a = 1 RETURNING id) SELECT * FROM x", P, "w"),
     ("WITH a AS (SELECT 1), b AS (INSERT INTO t (id) VALUES (9) RETURNING id) "
      "SELECT * FROM a, b", P, "w"),
-    ("SELECT * FROM (WITH d AS (DELETE FROM t RETURNING 1) SELECT * FROM d) s", P, "w"),
+    ("SELECT * FROM (WITH d AS (DELETE FROM t RETURNING 1) SELECT * FROM d) s", P, "n"),
     ("WITH moved AS (DELETE FROM queue WHERE id = 1 RETURNING *) "
      "INSERT INTO done SELECT * FROM moved", P, "w"),
     # #410: locking clauses

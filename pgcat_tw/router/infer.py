@@ -126,6 +126,11 @@ class _Message:
         self.open_begin = False
 
 
+# Nested statements are always wrapped nodes ({"InsertStmt": {...}}) in
+# libpg_query's tree (pg_query.proto: CTE queries, subqueries, EXPLAIN's and
+# COPY's queries are Node fields); only a set operation's arms (larg, rarg)
+# are bare SelectStmts, which need no check of their own.
+#
 # What the walk does with a key whose value is a node or a list: descend
 # (PLAIN), skip a subtree that cannot hold a call, a relation or a
 # statement (SKIP), or look first. Keys not listed are classified on first

@@ -246,22 +246,23 @@ def _scope(kind, f, key, text, found):
 def extract(kind, fields, text, key, found):
     """Add the key values of one top-level statement to ``found``."""
     stack = [(kind, fields)]
-    while stack:
-        kind, f = stack.pop()
+    for kind, f in stack:             # outer levels first (the list grows)
         if kind in _SCOPES:
             _scope(kind, f, key, text, found)
         todo = [f]
         while todo:                   # nested query levels, anywhere below
             n = todo.pop()
-            items = n if type(n) is list else n.values()
-            for value in items:
+            if type(n) is list:
+                todo.extend(v for v in n if type(v) in (dict, list))
+                continue
+            for k, value in n.items():
                 if type(value) is dict:
-                    if len(value) == 1:
-                        ((k, v),) = value.items()
-                        if k in _SCOPES and type(v) is dict:
-                            stack.append((k, v))
-                            continue
-                    todo.append(value)
+                    if k in _SCOPES:
+                        stack.append((k, value))
+                    elif k in ("larg", "rarg"):     # set operations: a bare SelectStmt
+                        stack.append(("SelectStmt", value))
+                    else:
+                        todo.append(value)
                 elif type(value) is list:
                     todo.append(value)
 
