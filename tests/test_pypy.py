@@ -43,7 +43,7 @@ PIP_ARGS = ("--only-binary", "cryptography")
 UNIT_MODULES = ("tests.test_framing", "tests.test_relay", "tests.test_pool",
                 "tests.test_fastpoll", "tests.test_handoff", "tests.test_balancer",
                 "tests.test_config", "tests.test_auth",
-                "tests.test_pgcat_configs")
+                "tests.test_pgcat_configs", "tests.test_router", "tests.test_sharding")
 
 def pypy_venv():
     """The PyPy venv, built on first use and cached (as is a failure)."""
@@ -202,8 +202,10 @@ class PyPyPoolerTests(PyPyVenvMixin, test_twistd.TwistdTestCase):
         return in_thread(run)
 
     def test_unit_modules_under_pypy(self):
-        """The framing, relay, pool, fastpoll, hand-off, balancer, config and
-        auth unit tests pass on PyPy too."""
+        """The framing, relay, pool, fastpoll, hand-off, balancer, config,
+        auth, router and sharding unit tests pass on PyPy too (the router
+        through PyPy's own cffi; test_sharding's comparison with the server
+        starts the harness's PostgreSQL in the PyPy process)."""
         def run():
             tmp = os.path.join(self.tmp, "trial")
             env = child_env(PYTHONDONTWRITEBYTECODE="1")
