@@ -107,7 +107,8 @@ class PrimaryTests(unittest.TestCase):
 class ReplicaTests(unittest.TestCase):
     def test_replica_streams(self):
         topo = topology(replicas=1)
-        self.assertEqual(len(topo.replicas), 1)
+        # (Other tests of the run may have asked for more replicas.)
+        self.assertGreaterEqual(len(topo.replicas), 1)
         r = topo.replicas[0]
         self.assertNotEqual(r.port, topo.primary.port)
         self.assertEqual(r.psql("select pg_is_in_recovery()"), "t")

@@ -14,6 +14,14 @@ from tests.pgharness import USERS, topology
 from tests.support import Pooler, PoolerTestCase, free_port, in_thread, pooler_toml
 from tests.test_admin import admin, sleep
 from tests.test_pooling import PgbenchMixin
+from tests.test_replicas import wait_caught_up
+
+
+class _Only:
+    """A topology view with only some replicas (those running)."""
+
+    def __init__(self, primary, replicas):
+        self.primary, self.replicas = primary, replicas
 
 
 class FilePooler(Pooler):
@@ -58,9 +66,15 @@ class _FileConfigTestCase(PoolerTestCase, PgbenchMixin):
                            pool_extra=extra)
 
     def set_server_password(self, password):
-        return threads.deferToThread(
-            self.primary.psql_script,
-            f"SET password_encryption = 'md5';\nALTER ROLE pgcat_md5 PASSWORD '{password}';\n")
+        """On the primary; done once every running replica has replayed it
+        (other tests log in to the replicas right after this one)."""
+        def go():
+            self.primary.psql_script(
+                f"SET password_encryption = 'md5';\n"
+                f"ALTER ROLE pgcat_md5 PASSWORD '{password}';\n")
+            running = [r for r in self.topo.replicas if r.is_running()]
+            wait_caught_up(_Only(self.topo.primary, running))
+        return threads.deferToThread(go)
 
     def connect(self, password="md5_pw", **kw):
         return psycopg.connect(self.pooler.dsn(password=password), prepare_threshold=None,
