@@ -78,12 +78,12 @@ class UserPool:
         if password is not None or not self.password_learned:
             self.server_password = password
             self.password_learned = False
-        old = {_address_key(p.shard, p.address): p for p in self.address_pools}
+        old = dict(_address_keys((p.shard, p.address, p) for p in self.address_pools))
         old_primaries = _primaries(self.address_pools)
         pools = []
         for shard in pool_cfg.shards:
-            for addr in shard.servers:
-                pool = old.pop(_address_key(shard, addr), None)
+            for key, addr in _address_keys((shard, a, a) for a in shard.servers):
+                pool = old.pop(key, None)
                 if pool is None:
                     pool = self._make_pool(shard, addr)
                 self._configure_pool(pool, shard, addr)
@@ -285,6 +285,17 @@ def _address_key(shard, addr):
     """What identifies an address's pool across a reload: the same server
     and database (its role may change)."""
     return (shard.index, shard.database, addr.host, addr.port)
+
+
+def _address_keys(items):
+    """(key, item) for (shard, address, item) triples: the address key and
+    its occurrence in the shard (PgCat lets a server be listed twice, in two
+    roles: each listing has a pool of its own)."""
+    seen = {}
+    for shard, addr, item in items:
+        k = _address_key(shard, addr)
+        n = seen[k] = seen.get(k, -1) + 1
+        yield k + (n,), item
 
 
 def _primaries(pools):
