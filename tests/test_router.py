@@ -277,6 +277,14 @@ class CacheTests(SynchronousTestCase):
         self.assertEqual(c.parsed, parsed)
         self.assertEqual(parsed, 101)
 
+    def test_bounded_in_bytes(self):
+        c = Classifier(cache_bytes=4000)
+        for i in range(100):
+            c.classify(b"SELECT 1 FROM t%d WHERE name = '%s'" % (i, b"x" * 300))
+            total = sum(map(len, c.current)) + sum(map(len, c.old))
+            self.assertLessEqual(total, 4000)
+        self.assertLessEqual(c.current_bytes, 2000)
+
     def test_unparsed_and_long_texts(self):
         """Parse errors are cached like any result; over-long texts are not
         stored at all."""
@@ -351,6 +359,7 @@ class ShardingKeyTests(SynchronousTestCase):
                 ("SELECT * FROM t WHERE id = -5", (-5,)),
                 ("SELECT * FROM t WHERE id = 0", (0,)),
                 ("SELECT * FROM t WHERE id = -9223372036854775808", (-9223372036854775808,)),
+                ("SELECT 'ééé' FROM t WHERE id = -5", (-5,)),  # locations count bytes
                 ("SELECT * FROM t WHERE id = '12'", (12,)),
                 ("SELECT * FROM t WHERE id = 12::bigint", (12,)),
                 ("SELECT * FROM t WHERE id = CAST('13' AS int8)", (13,)),

@@ -7,9 +7,9 @@ One ``Classifier`` per pool, made from the pool's settings; ``classify(text)``
 primary.
 
 Results are cached by text in two generations of plain dicts: a hit in the
-current one costs one dict lookup; when it holds ``cache_size // 2`` texts it
-becomes the old generation and a new one starts; a hit in the old one moves
-the entry to the current one. So the texts in use stay, one-off texts go,
+current one costs one dict lookup; when it holds ``cache_size // 2`` texts
+(or ``cache_bytes // 2`` bytes of them) it becomes the old generation and a
+new one starts; a hit in the old one moves the entry to the current one. So the texts in use stay, one-off texts go,
 and nothing is done per hit to keep an order.
 
 A text with literals also has a second key, the text with its literals
@@ -28,6 +28,7 @@ import re
 from pgcat_tw.router import functions, infer, pgquery, shardkey
 
 DEFAULT_CACHE_SIZE = 4096
+DEFAULT_CACHE_BYTES = 8 << 20
 
 _UESCAPE = re.compile(rb"uescape", re.IGNORECASE)
 # Each alternative starts with a fixed character set (", ' or a digit), so
@@ -65,11 +66,12 @@ class Classifier:
     read_only_functions   ``query_parser_read_only_functions`` (names, see
                           ``functions.user_list``)
     sharding_key          ``automatic_sharding_key`` ("table.column") or None
-    cache_size            texts kept (about; two generations of half each)
+    cache_size            texts kept (at most; two generations of half each)
+    cache_bytes           bytes of text kept (at most, likewise)
     """
 
     def __init__(self, *, max_length=None, read_only_functions=(), sharding_key=None,
-                 cache_size=DEFAULT_CACHE_SIZE):
+                 cache_size=DEFAULT_CACHE_SIZE, cache_bytes=DEFAULT_CACHE_BYTES):
         pgquery.load()          # ParserUnavailable names the package to install
         limit = pgquery.PARSE_LIMIT
         self.max_length = limit if max_length is None else min(max_length, limit)
@@ -77,7 +79,9 @@ class Classifier:
         self.key = shardkey.ShardingKey(sharding_key) if sharding_key else None
         self.normalizing = self.key is None
         self.generation = max(1, cache_size // 2)
+        self.generation_bytes = max(1, cache_bytes // 2)
         self.current = {}
+        self.current_bytes = 0
         self.old = {}
         self.too_long = infer.primary(
             f"longer than query_parser_max_length ({self.max_length} bytes)")
@@ -126,11 +130,15 @@ class Classifier:
 
     def _store(self, key, found):
         current = self.current
-        if len(current) >= self.generation:
+        size = self.current_bytes + len(key)
+        if len(current) >= self.generation or size > self.generation_bytes:
             self.old = current
             self.current = current = {}
+            size = len(key)
+        self.current_bytes = size
         current[key] = found
 
     def clear(self):
         self.current = {}
+        self.current_bytes = 0
         self.old = {}
