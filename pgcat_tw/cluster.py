@@ -15,7 +15,7 @@ from pgcat_tw.balancer import Balancer
 from pgcat_tw.health import RECOVERY_SQL, HealthMonitor
 from pgcat_tw.config import User, resolve
 from pgcat_tw.errors import ServerConnectionFailed
-from pgcat_tw.pool import ConnectionPool
+from pgcat_tw.pool import ConnectionPool, LoginGate
 from pgcat_tw.prepared import StatementCache
 from pgcat_tw.stats import Averages, Totals
 
@@ -35,14 +35,30 @@ def set_parameter_sql(name, value):
     return f'SET "{name}" TO ${tag}${value}${tag}$'
 
 
+class LoginGates:
+    """The service's LoginGate per server address (kept across reloads)."""
+
+    def __init__(self):
+        self._gates = {}
+
+    def gate(self, host, port, limit):
+        g = self._gates.get((host, port))
+        if g is None:
+            g = self._gates[(host, port)] = LoginGate(limit)
+        g.limit = limit
+        return g
+
+
 class UserPool:
     tls = None              # tls.TLSState of the service (server_tls)
+    login_gates = None      # LoginGates of the service
     clock = None            # stats.EventClock of the service (server connections use it)
     dynamic = False         # a user found through auth_query, not listed
     password_learned = False  # server_password came from auth_query
 
-    def __init__(self, reactor, config, pool_cfg, user_cfg):
+    def __init__(self, reactor, config, pool_cfg, user_cfg, login_gates=None):
         self.reactor = reactor
+        self.login_gates = login_gates
         self.closed = False
         self.statement_cache = None
         self.reference_params = None   # ParameterStatus set shown to clients
@@ -150,6 +166,14 @@ class UserPool:
         pool.pool_size = s.pool_size
         pool.min_pool_size = s.min_pool_size
         pool.connect_timeout = s.connect_timeout / 1000.0
+        if g.query_wait_timeout is not None:
+            pool.wait_timeout = g.query_wait_timeout / 1000.0
+            pool.wait_timeout_name = "query_wait_timeout"
+        else:
+            pool.wait_timeout, pool.wait_timeout_name = pool.connect_timeout, "connect_timeout"
+        if self.login_gates is not None:
+            pool.login_gate = self.login_gates.gate(addr.host, addr.port,
+                                                    g.server_login_limit)
         pool.idle_timeout = s.idle_timeout / 1000.0
         pool.server_lifetime = s.server_lifetime / 1000.0
         pool.round_robin = g.server_round_robin
@@ -325,6 +349,7 @@ class Cluster:
         self.config = config
         self.tls = tls if tls is not None else getattr(previous, "tls", None)
         self.clock = clock if clock is not None else getattr(previous, "clock", None)
+        self.login_gates = getattr(previous, "login_gates", None) or LoginGates()
         self.user_pools = {}
         keep = previous.user_pools if previous is not None else {}
         for pool_cfg in config.pools:
@@ -340,7 +365,8 @@ class Cluster:
         self._keep_auth_query_users(keep)
 
     def _new_user_pool(self, pool_cfg, user_cfg, dynamic=False):
-        up = UserPool(self.reactor, self.config, pool_cfg, user_cfg)
+        up = UserPool(self.reactor, self.config, pool_cfg, user_cfg,
+                      login_gates=self.login_gates)
         up.tls = self.tls
         up.clock = self.clock
         up.dynamic = dynamic

@@ -50,6 +50,35 @@ class Waiter:
         self.urgent = urgent
 
 
+class LoginGate:
+    """Server logins in flight to one server address, at most ``limit``
+    (server_login_limit): the others wait their turn, so a reconnect storm
+    (every client back at once, a restarted server) cannot flood
+    PostgreSQL with logins."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.in_flight = 0
+        self.queue = deque()
+
+    def run(self, login):
+        """``login()`` -> a Deferred; started now or when a login ends."""
+        if self.in_flight < self.limit:
+            self._start(login)
+        else:
+            self.queue.append(login)
+
+    def _start(self, login):
+        self.in_flight += 1
+        login().addBoth(self._done)
+
+    def _done(self, result):
+        self.in_flight -= 1
+        while self.queue and self.in_flight < self.limit:
+            self._start(self.queue.popleft())
+        return result
+
+
 class ConnectionPool:
     def __init__(self, reactor, name, connect, pool_size, min_pool_size=0,
                  connect_timeout=1.0, idle_timeout=600.0, server_lifetime=3600.0,
@@ -60,6 +89,13 @@ class ConnectionPool:
         self.pool_size = pool_size
         self.min_pool_size = min_pool_size
         self.connect_timeout = connect_timeout
+        # How long a client may wait in the queue (query_wait_timeout; by
+        # default connect_timeout, PgCat's meaning) and that setting's name.
+        self.wait_timeout = connect_timeout
+        self.wait_timeout_name = "connect_timeout"
+        # Shared by the pools of one server address: server logins in flight
+        # (server_login_limit); None: no limit.
+        self.login_gate = None
         self.idle_timeout = idle_timeout
         self.server_lifetime = server_lifetime
         self.round_robin = round_robin  # FIFO reuse of idle connections (PgCat default)
@@ -186,7 +222,7 @@ class ConnectionPool:
         its checkouts; it is in at most one queue at a time). Its wait
         begins now."""
         w.since = now = self.reactor.seconds()
-        w.deadline = now + self.connect_timeout
+        w.deadline = now + self.wait_timeout
         if w.urgent:
             return self._insert(w)
         if self.closed:
@@ -195,7 +231,7 @@ class ConnectionPool:
         waiters = self.waiters
         waiters.append(w)
         if self._timer is None:
-            self._timer = self.reactor.callLater(self.connect_timeout, self._expire)
+            self._timer = self.reactor.callLater(self.wait_timeout, self._expire)
         # (Under load every server is busy: the first test ends it.)
         if len(self.busy) < self.pool_size and len(waiters) > self.connecting and \
                 len(self.idle) + len(self.busy) + self.connecting < self.pool_size:
@@ -206,7 +242,7 @@ class ConnectionPool:
         """Queue a Waiter whose wait began earlier (``w.since``, kept): a
         client moved here from another address goes before everybody who
         began waiting after it. Its connect_timeout starts again here."""
-        w.deadline = self.reactor.seconds() + self.connect_timeout
+        w.deadline = self.reactor.seconds() + self.wait_timeout
         return self._insert(w)
 
     def _insert(self, w):
@@ -227,7 +263,7 @@ class ConnectionPool:
         waiters.insert(i, w)
         if self._timer is None:
             # (A deadline set now is the latest: a running timer is earlier.)
-            self._timer = self.reactor.callLater(self.connect_timeout, self._expire)
+            self._timer = self.reactor.callLater(self.wait_timeout, self._expire)
         self._maybe_connect()
         return w
 
@@ -373,11 +409,12 @@ class ConnectionPool:
                 f"{self.connect_timeout * 1000:.0f} ms: {self.last_connect_error}"
             )
         else:
+            what = self.wait_timeout_name
             err = PoolTimeout(
-                f"{self.name}: no server connection became free within connect_timeout "
-                f"({self.connect_timeout * 1000:.0f} ms); all {self.pool_size} "
+                f"{self.name}: no server connection became free within {what} "
+                f"({self.wait_timeout * 1000:.0f} ms); all {self.pool_size} "
                 f"connections of the pool are in use (pool exhausted)",
-                hint="raise pool_size or connect_timeout, or make transactions shorter",
+                hint=f"raise pool_size or {what}, or make transactions shorter",
             )
         w.fail(err)
 
@@ -391,8 +428,16 @@ class ConnectionPool:
 
     def _start_connect(self):
         self.connecting += 1
+        gate = self.login_gate
+        if gate is None:
+            self._login()
+        else:
+            gate.run(self._login)
+
+    def _login(self):
         d = defer.maybeDeferred(self._connect)
         d.addCallbacks(self._connected, self._connect_failed)
+        return d
 
     def _connected(self, conn):
         self.connecting -= 1
@@ -477,9 +522,9 @@ class ConnectionPool:
         self._halted = self.closed
         now = self.reactor.seconds()
         for w in self.waiters:
-            w.deadline = now + self.connect_timeout
+            w.deadline = now + self.wait_timeout
         if self.waiters and self._timer is None:
-            self._timer = self.reactor.callLater(self.connect_timeout, self._expire)
+            self._timer = self.reactor.callLater(self.wait_timeout, self._expire)
         self._maybe_connect()
 
     def close(self):

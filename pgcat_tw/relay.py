@@ -314,7 +314,8 @@ class ClientScanner(Scanner):
 class ServerScanner(Scanner):
     __slots__ = ("client", "tx_status", "rfq", "params", "dirty", "errors", "stmts", "edits",
                  "rfqs", "xacts", "received", "sent", "sent_mark", "bound_at", "query_start",
-                 "query_time", "xact_time", "binds", "cancelled_at", "sql_prepared")
+                 "query_time", "xact_time", "binds", "cancelled_at", "sql_prepared",
+                 "tx_seen")
 
     def __init__(self):
         Scanner.__init__(self, SERVER_WANT)
@@ -343,6 +344,7 @@ class ServerScanner(Scanner):
         self.xact_time = 0.0
         self.binds = 0            # times it was handed to a client
         self.cancelled_at = None  # query_start of the request a timeout cancelled
+        self.tx_seen = None       # when the timeouts' sweep saw its transaction begin
 
     def use_prepared(self, stmts):
         self.stmts = stmts

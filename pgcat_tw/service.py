@@ -1,6 +1,7 @@
 """Wires the listener, the janitor and reload into one MultiService."""
 
 import hashlib
+import os
 import signal
 
 from twisted.application import service
@@ -31,6 +32,10 @@ def _file_signature(path):
             return hashlib.sha256(f.read()).hexdigest()
     except OSError:
         return None
+
+
+def unix_socket_path(general):
+    return os.path.join(general.unix_socket_dir, f".s.PGSQL.{general.port}")
 
 
 def listen_description(general):
@@ -105,7 +110,26 @@ class PgCatService(service.MultiService):
             # TCP listens synchronously: a port in use fails the start (twistd
             # exits non-zero with the message) instead of running deaf.
             failed[0].raiseException()
+        self._listen_unix()
         service.MultiService.privilegedStartService(self)
+
+    unix_port = None          # IListeningPort of the Unix socket, if any
+
+    def _listen_unix(self):
+        """``unix_socket_dir``: also listen on <dir>/.s.PGSQL.<port>, the
+        socket psql and libpq look for with ``-h <dir>``."""
+        g = self.config.general
+        if not g.unix_socket_dir:
+            return
+        path = unix_socket_path(g)
+        desc = ("unix:" + path.replace("\\", "\\\\").replace(":", "\\:")
+                + ":mode=777:lockfile=1")
+        d = serverFromString(self.reactor, desc).listen(self.factory)
+        failed = []
+        d.addCallbacks(lambda p: setattr(self, "unix_port", p), failed.append)
+        if failed:
+            failed[0].raiseException()
+        log.info("pgcat_tw listening on {path}", path=path)
 
     def _listening(self, port):
         self.port = port
@@ -127,6 +151,8 @@ class PgCatService(service.MultiService):
         yield service.MultiService.stopService(self)
         if self.port is not None:
             yield self.port.stopListening()
+        if self.unix_port is not None:
+            yield self.unix_port.stopListening()
         self.cluster.close()
         self.auth_queries.close()
         for client in list(self.factory.clients):

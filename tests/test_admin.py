@@ -274,14 +274,15 @@ class ConsoleTests(PoolerTestCase):
         self.assertIn("config file", err.pgerror)
 
 
-def _raw_login_error(port, user, password):
-    """The ErrorResponse fields a raw md5 login to the admin database gets."""
+def _raw_login_error(port, user, password, db="pgbouncer"):
+    """The ErrorResponse fields a raw md5 login (to the admin database by
+    default) gets."""
     from tests.support import error_fields
     from pgcat_tw.auth import md5 as md5_auth
 
     s = socket.create_connection(("127.0.0.1", port), timeout=5)
     try:
-        s.sendall(startup_packet(user, "pgbouncer"))
+        s.sendall(startup_packet(user, db))
         msgs, _ = read_messages(s, until=b"E")
         for t, body in msgs:
             if t == b"R" and body[:4] == b"\x00\x00\x00\x05":

@@ -715,3 +715,32 @@ class CloseTests(PoolTestBase):
         pool.discard(conn)
         self.assertTrue(conn.closed)
         self.assertEqual(len(self.connector.attempts), 1)
+
+
+class LoginGateTests(SynchronousTestCase):
+    """server_login_limit: logins in flight to one address are capped,
+    across the pools that share it; the others start as logins end."""
+
+    def test_logins_in_flight_are_capped(self):
+        from pgcat_tw.pool import LoginGate
+
+        clock = Clock()
+        connector = Connector(clock)
+        gate = LoginGate(2)
+        pools = []
+        for name in ("a", "b"):
+            p = ConnectionPool(clock, name, connector, pool_size=5, connect_timeout=5.0)
+            p.login_gate = gate
+            pools.append(p)
+        results = [Result(p.acquire()) for p in pools for _ in range(3)]
+        self.assertEqual(len(connector.pending()), 2)        # not 6
+        self.assertEqual(gate.in_flight, 2)
+        self.assertEqual(len(gate.queue), 4)
+        connector.succeed()
+        self.assertEqual(len(connector.pending()), 2)        # the next one started
+        connector.fail(ServerConnectionFailed("refused"))
+        self.assertEqual(len(connector.pending()), 2)
+        for _ in range(4):
+            connector.succeed()
+        self.assertEqual(gate.in_flight, 0)
+        self.assertEqual(sum(1 for r in results if r.value is not None), 5)

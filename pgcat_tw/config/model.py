@@ -120,6 +120,9 @@ class User:
     connect_timeout: int | None = None
     idle_timeout: int | None = None
     server_lifetime: int | None = None
+    # pgcat_tw extension (PgBouncer's): client connections of this user;
+    # None: [general]'s.
+    max_user_client_connections: int | None = None
 
 
 @dataclass(frozen=True, **_SLOTS)
@@ -161,6 +164,9 @@ class Pool:
     # pgcat_tw extension: bytes of WAL a replica may be behind the primary
     # and still serve reads; None = no limit.
     max_replica_lag: int | None = None
+    # pgcat_tw extension (PgBouncer's): client connections to this pool;
+    # None: [general]'s.
+    max_db_client_connections: int | None = None
     # None = use the global [plugins]; a table here replaces them entirely.
     plugins: FrozenMap | None = None
 
@@ -230,6 +236,25 @@ class General:
     # banned servers so they return as soon as they answer.
     healthcheck_interval: int = 5000
     ban_probe_interval: int = 1000
+    # pgcat_tw extensions (PgBouncer's names; 0 = no limit / off):
+    # client connections in all, per pool (database) and per user; server
+    # logins in flight per server address (a reconnect storm cannot flood
+    # PostgreSQL); ms a client may wait in a pool's queue (None: as
+    # connect_timeout, PgCat's meaning) and after which it gets a NOTICE;
+    # ms a transaction, and a client between transactions, may last;
+    # statement_timeout for every user that sets none.
+    max_client_conn: int = 0
+    max_db_client_connections: int = 0
+    max_user_client_connections: int = 0
+    server_login_limit: int = 16
+    query_wait_timeout: int | None = None
+    query_wait_notify: int = 0
+    transaction_timeout: int = 0
+    client_idle_timeout: int = 0
+    statement_timeout: int = 0
+    # A Unix socket beside TCP (PgBouncer's unix_socket_dir; None: none):
+    # <dir>/.s.PGSQL.<port>, as psql's -h /dir expects.
+    unix_socket_dir: str | None = None
 
 
 @dataclass(frozen=True, **_SLOTS)
@@ -305,7 +330,7 @@ def resolve(config: Config, pool: Pool, user: User) -> UserSettings:
         connect_timeout=pick("connect_timeout"),
         idle_timeout=pick("idle_timeout"),
         server_lifetime=pick("server_lifetime"),
-        statement_timeout=user.statement_timeout,
+        statement_timeout=user.statement_timeout or config.general.statement_timeout,
         pool_size=user.pool_size,
         min_pool_size=user.min_pool_size,
     )

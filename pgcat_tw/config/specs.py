@@ -79,6 +79,16 @@ GENERAL_SPEC: _SpecT = {
     "max_packet_size": _integer(1024, 2**31 - 1, "an integer from 1024 to 2147483647"),
     "healthcheck_interval": NON_NEGATIVE,
     "ban_probe_interval": NON_NEGATIVE,
+    "max_client_conn": NON_NEGATIVE,
+    "max_db_client_connections": NON_NEGATIVE,
+    "max_user_client_connections": NON_NEGATIVE,
+    "server_login_limit": POSITIVE,
+    "query_wait_timeout": NON_NEGATIVE,
+    "query_wait_notify": NON_NEGATIVE,
+    "transaction_timeout": NON_NEGATIVE,
+    "client_idle_timeout": NON_NEGATIVE,
+    "statement_timeout": NON_NEGATIVE,
+    "unix_socket_dir": NON_EMPTY_STRING,
 }
 
 POOL_SPEC: _SpecT = {
@@ -119,6 +129,7 @@ POOL_SPEC: _SpecT = {
     "db_activity_ttl": POSITIVE,
     "table_mutation_cache_ms_ttl": POSITIVE,
     "max_replica_lag": NON_NEGATIVE,
+    "max_db_client_connections": NON_NEGATIVE,
 }
 
 USER_SPEC: _SpecT = {
@@ -134,6 +145,7 @@ USER_SPEC: _SpecT = {
     "connect_timeout": NON_NEGATIVE,
     "idle_timeout": NON_NEGATIVE,
     "server_lifetime": NON_NEGATIVE,
+    "max_user_client_connections": NON_NEGATIVE,
 }
 
 # Keys of [pools.X.shards.N]; servers and mirrors are checked by hand.

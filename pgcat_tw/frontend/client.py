@@ -34,6 +34,7 @@ from pgcat_tw.backend import IBoundClient, set_keepalive
 from pgcat_tw.errors import PgError, ProtocolViolation, ServerConnectionFailed
 from pgcat_tw.frontend.checkout import Checkout
 from pgcat_tw.frontend.commands import MAYBE_COMMAND, Commands, whole_query
+from pgcat_tw.frontend.limits import ClientLimits
 from pgcat_tw.frontend.login import Login
 from pgcat_tw.frontend.startup import Startup, check_alpn
 from pgcat_tw.pool import Waiter
@@ -73,6 +74,7 @@ class ClientFactory(Factory):
         # reads the reactor's time.
         self.clock = clock if clock is not None else LiveClock(reactor.seconds)
         self.clients = set()
+        self.limits = ClientLimits()
 
     def buildProtocol(self, addr):
         p = ClientProtocol(self)
@@ -85,6 +87,9 @@ class ClientProtocol(Checkout, Commands, Protocol):
     peer = None
     shard = 0                 # shard of the next transaction (set by sharding)
     tls_direct = False        # the connection began with a TLS ClientHello
+    counted = None            # (database, user) while counted by the client limits
+    notified_wait = None      # the wait (its start) query_wait_notify told about
+    idle_mark = None          # (bytes received, since) for client_idle_timeout
 
     def __init__(self, factory):
         self.factory = factory
@@ -586,6 +591,7 @@ class ClientProtocol(Checkout, Commands, Protocol):
 
     def connectionLost(self, reason):
         self.factory.clients.discard(self)
+        self.factory.limits.leave(self)
         self._startup = self._login = None
         if self._login_timer is not None and self._login_timer.active():
             self._login_timer.cancel()

@@ -122,6 +122,10 @@ class Login:
         if database in console.ADMIN_DATABASES and cluster.config.pool(database) is None:
             self._admin_login(cluster.config.general)
             return
+        limit = factory.limits.admit(client, cluster.config, database, user)
+        if limit is not None:
+            client._fatal(PgError(limit, sqlstate="53300", severity="FATAL"))
+            return
         self._find_pool(cluster)
 
     def _admin_login(self, general):
