@@ -190,6 +190,14 @@ class PgQueryTests(SynchronousTestCase):
         self.assertFalse(pgquery.available())
         self.assertRaises(pgquery.ParserUnavailable, Classifier)
 
+    def test_unexpected_tree(self):
+        """A tree the walk does not expect goes to the primary, not up."""
+        self.patch(pgquery, "parse", lambda text: [{"stmt": {"SelectStmt": {
+            "fromClause": [{"RangeVar": None}], "targetList": [{"FuncCall": {}}]}}}])
+        r = Classifier().classify(b"SELECT 1")
+        self.assertEqual(r.role, PRIMARY)
+        self.assertTrue(r.reason.startswith("not understood: "), r.reason)
+
     def test_available(self):
         self.assertTrue(pgquery.available())
 

@@ -126,7 +126,12 @@ class Classifier:
             stmts = pgquery.parse(text)
         except pgquery.ParseError as e:
             return infer.primary(f"not parsed: {e.message}")
-        return infer.infer(stmts, text, self.allowed, self.key)
+        try:
+            return infer.infer(stmts, text, self.allowed, self.key)
+        except (LookupError, TypeError, ValueError, AttributeError, RecursionError) as e:
+            # A tree shape the walk does not expect (another libpg_query
+            # version?): the primary, with the reason, rather than an error.
+            return infer.primary(f"not understood: {type(e).__name__}: {e}")
 
     def _store(self, key, found):
         current = self.current
