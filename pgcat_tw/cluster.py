@@ -15,6 +15,7 @@ from pgcat_tw.balancer import Balancer
 from pgcat_tw.health import RECOVERY_SQL, HealthMonitor
 from pgcat_tw.config import User, resolve
 from pgcat_tw.errors import ServerConnectionFailed
+from pgcat_tw.mirror import MirrorSet
 from pgcat_tw.pool import ConnectionPool, LoginGate
 from pgcat_tw.prepared import StatementCache
 from pgcat_tw.stats import Averages, Totals
@@ -154,7 +155,14 @@ class UserPool:
             return d.addCallback(self._learn_role, pool)
 
         pool = ConnectionPool(self.reactor, "", connect, pool_size=1)
-        pool.on_new_connection = self._capture_params
+
+        def new_connection(conn):
+            self._capture_params(conn)
+            if pool.mirrors is not None:
+                pool.mirrors.attach(conn, pool.shard.database)
+
+        pool.on_new_connection = new_connection
+        pool.on_connection_lost = MirrorSet.detach
         return pool
 
     def _configure_pool(self, pool, shard, addr):
@@ -181,6 +189,13 @@ class UserPool:
         pool.healthcheck_timeout = g.healthcheck_timeout / 1000.0
         pool.address = addr
         pool.shard = shard
+        targets = [(h, p, i) for h, p, i in shard.mirrors if i == addr.index]
+        if not targets:
+            pool.mirrors = None
+        elif pool.mirrors is None or [(m.host, m.port, m.index) for m in pool.mirrors.stats] \
+                != targets:
+            # (A reload that changes the mirrors applies to new connections.)
+            pool.mirrors = MirrorSet(self.reactor, targets, self)
         if pool.health is not None:
             pool.health.configured = addr.role
         if pool.waiters or pool.total < pool.min_pool_size:

@@ -115,7 +115,19 @@ SERVERS = (
     ("servers_is_paused", "paused", GAUGE, "1 if the address's pool is paused, else 0"),
 )
 
-ALL = STATS + POOLS + DATABASES + SERVERS
+# pgcat_tw: per mirror (SHOW MIRRORS), labels pool, user, address, host, port.
+MIRRORS = (
+    ("mirrors_connected", "connected", GAUGE, "Mirror connections up now"),
+    ("mirrors_sent", "sent", COUNTER, "Chunks sent to the mirror"),
+    ("mirrors_sent_bytes", "sent_bytes", COUNTER, "Bytes sent to the mirror"),
+    ("mirrors_dropped", "dropped", COUNTER,
+     "Chunks dropped because the mirror could not take them (its queue was full)"),
+    ("mirrors_dropped_bytes", "dropped_bytes", COUNTER, "Bytes dropped likewise"),
+    ("mirrors_failures", "failures", COUNTER, "Mirror connections that failed or were lost"),
+)
+MIRROR_LABELS = ("address", "host", "pool", "port", "user")
+
+ALL = STATS + POOLS + DATABASES + SERVERS + MIRRORS
 METRIC_NAMES = tuple(PREFIX + m[0] for m in ALL)
 
 
@@ -205,7 +217,12 @@ def families(snap):
     out += _servers(snap)
     out += _from_rows(DATABASES, tables.show_databases(snap), address_labels,
                       snap.addresses, ADDRESS_LABELS, _check_address("name"))
-    return out
+    fams = [_family(name, kind, doc, MIRROR_LABELS) for name, _k, kind, doc in MIRRORS]
+    for m in getattr(snap, "mirrors", ()):
+        labels = [m.address, m.host, m.pool, str(m.port), m.user]
+        for fam, (_name, key, _kind, _doc) in zip(fams, MIRRORS):
+            fam.add_metric(labels, getattr(m, key))
+    return out + fams
 
 
 class PgCatCollector:

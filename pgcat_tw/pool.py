@@ -114,6 +114,8 @@ class ConnectionPool:
         self.averages = Averages(reactor.seconds())
         self.last_connect_error = None
         self.on_new_connection = None  # callback(conn) after each successful login
+        self.on_connection_lost = None  # callback(conn) once a connection is gone
+        self.mirrors = None    # mirror.MirrorSet of this address (None: not mirrored)
         # Seconds an idle connection may rest before it must be health-checked
         # at checkout (healthcheck_delay); None: never. ``take_idle`` leaves a
         # stale connection in place for the caller's slow path. It compares
@@ -322,6 +324,8 @@ class ConnectionPool:
         ss = getattr(conn, "scanner", None)
         if ss is not None:
             self.totals.add_connection(ss)
+        if self.on_connection_lost is not None:
+            self.on_connection_lost(conn)
         self._maybe_connect()
 
     def _forget(self, conn):

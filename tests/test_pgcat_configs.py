@@ -185,8 +185,7 @@ class FilesTests(SynchronousTestCase):
         self.assertEqual(pool.shards[0].mirrors, (("1.2.3.4", 5432, 0), ("1.2.3.4", 5432, 1)))
         self.assertEqual(keypaths(warnings), sorted([
             "general.worker_threads", PARSER.format("sharded_db"),
-            "pools.sharded_db.sharding_key_regex", "pools.sharded_db.automatic_sharding_key",
-            "pools.sharded_db.shards.0.mirrors"]))
+            "pools.sharded_db.sharding_key_regex", "pools.sharded_db.automatic_sharding_key"]))
 
 
 # --- TLS: PgCat's CI key form, and keys that cannot be used ----------------------
@@ -431,8 +430,8 @@ class NotActedOnTests(SynchronousTestCase):
             user_keys={"statement_timeout": 5000}), [])
 
     def test_shard_and_plugins(self):
-        self.assertEqual(self.warned(shard_keys={"mirrors": [["m", 1, 0]]}),
-                         ["pools.app.shards.0.mirrors"])
+        # Mirrors are acted on (pgcat_tw.mirror).
+        self.assertEqual(self.warned(shard_keys={"mirrors": [["m", 1, 0]]}), [])
         self.assertEqual(self.warned(pool_keys={
             "query_parser_enabled": True,
             "plugins": {"prewarmer": {"enabled": True, "queries": ["select 1"]},

@@ -189,6 +189,9 @@ class Console:
     def show_bans(self):
         return table(*tables.show_bans(self._snap(), wallclock))
 
+    def show_mirrors(self):
+        return table(*tables.show_mirrors(self._snap()))
+
     def show_state(self):
         return table(*tables.show_state(self._snap(), self.control.draining))
 
@@ -254,6 +257,7 @@ SHOW = {
     "version": Console.show_version,
     "bans": Console.show_bans,
     "state": Console.show_state,
+    "mirrors": Console.show_mirrors,
 }
 
 COMMANDS = {

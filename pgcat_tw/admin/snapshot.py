@@ -44,9 +44,14 @@ class ServerSnap:
                  "prepare_size", "pool", "errors")
 
 
+class MirrorSnap:
+    __slots__ = ("pool", "user", "address", "host", "port", "connected", "sent",
+                 "sent_bytes", "dropped", "dropped_bytes", "failures")
+
+
 class Snapshot:
     __slots__ = ("now", "pools", "addresses", "clients", "servers", "login_clients",
-                 "config")
+                 "config", "mirrors")
 
     def pool(self, database, user):
         for p in self.pools:
@@ -135,7 +140,16 @@ def _address(up, pool, replica_index, now):
     return a
 
 
-def _addresses(up, now, servers):
+def _mirror(a, st):
+    m = MirrorSnap()
+    m.pool, m.user, m.address = a.pool, a.user, a.name
+    m.host, m.port = st.host, st.port
+    m.connected, m.sent, m.sent_bytes = st.connected, st.sent, st.sent_bytes
+    m.dropped, m.dropped_bytes, m.failures = st.dropped, st.dropped_bytes, st.failures
+    return m
+
+
+def _addresses(up, now, servers, mirrors=None):
     out = []
     replicas = {}
     for pool in up.address_pools:
@@ -145,6 +159,9 @@ def _addresses(up, now, servers):
             i = replicas[shard] = replicas.get(shard, -1) + 1
         a = _address(up, pool, i, now)
         out.append(a)
+        if pool.mirrors is not None and mirrors is not None:
+            for st in pool.mirrors.stats:
+                mirrors.append(_mirror(a, st))
         for conn in list(pool.idle) + list(pool.busy):
             servers.append(_server(conn, now, "pool", a.pool, a.user, a.name))
     for conn in getattr(up.monitor, "_extra", ()):
@@ -223,8 +240,9 @@ def take(cluster, clients, now, auth_queries=None):
     snap.clients.sort(key=lambda c: c.id)
     snap.pools = []
     snap.addresses = []
+    snap.mirrors = []
     for (pool_name, username), up in cluster.user_pools.items():
-        addresses = _addresses(up, now, snap.servers)
+        addresses = _addresses(up, now, snap.servers, snap.mirrors)
         snap.addresses.extend(addresses)
         snap.pools.append(_pool(up, addresses, snap.clients))
     if auth_queries is not None:

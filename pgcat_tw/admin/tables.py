@@ -20,7 +20,7 @@ VERSION_STRING = f"PgCat {VERSION} (pgcat_tw)"
 
 HELP = [
     "SHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|USERS|VERSION|LISTS|BANS|STATE",
-    "SHOW STATS|STATS_TOTALS|STATS_AVERAGES",
+    "SHOW STATS|STATS_TOTALS|STATS_AVERAGES|MIRRORS",
     "BAN host seconds",
     "UNBAN host",
     "PAUSE [db[,user]]",
@@ -306,6 +306,19 @@ def show_config(config):
         rows.append([f'pools."{pool.name}".users',
                      ",".join(u.username for u in pool.users), "-", "yes"])
     return CONFIG_COLUMNS, rows
+
+
+# --- SHOW MIRRORS (pgcat_tw) --------------------------------------------------------------
+
+MIRRORS_COLUMNS = _cols(["database", "user", "address_id", "host", "port", "connected",
+                         "sent", "sent_bytes", "dropped", "dropped_bytes", "failures"],
+                        {"database": TEXT, "user": TEXT, "address_id": TEXT, "host": TEXT})
+
+
+def show_mirrors(snap):
+    return MIRRORS_COLUMNS, [[m.pool, m.user, m.address, m.host, m.port, m.connected, m.sent,
+                              m.sent_bytes, m.dropped, m.dropped_bytes, m.failures]
+                             for m in snap.mirrors]
 
 
 # --- BAN, UNBAN ----------------------------------------------------------------------------

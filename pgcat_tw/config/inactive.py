@@ -109,7 +109,8 @@ def shards_warning(pool) -> str | None:
 
 
 def mirrors_warning(shard) -> str | None:
-    return MESSAGE.format(what="no traffic is mirrored") if shard.mirrors else None
+    """Mirrors are acted on (pgcat_tw.mirror): nothing to warn about."""
+    return None
 
 
 def plugin_warnings(plugins) -> list[tuple[str, str]]:
