@@ -39,6 +39,7 @@ from pgcat_tw.prepared import apply_edits
 from pgcat_tw.stats import LiveClock
 from pgcat_tw.relay import ServerScanner, detach_producer, writer_for
 from pgcat_tw.tls import describe_handshake_failure
+from pgcat_tw.tlssock import start_tls
 
 log = Logger()
 
@@ -201,8 +202,10 @@ class ServerConnection(Protocol):
             self.tls_state = "handshake"
             alsoProvides(self, IHandshakeListener)
             self.dataReceived = self._login_data
-            self.transport.startTLS(self.tls)
-            # TLS transports are written through Twisted (relay.plain_write).
+            # TLS on the socket itself (tlssock; its writer writes through),
+            # or else Twisted's TLS layer (written through Twisted).
+            if not start_tls(self.transport, self.tls):
+                self.transport.startTLS(self.tls)
             self.writer = writer_for(self.transport)
             self._send_startup()
         elif answer == b"N":

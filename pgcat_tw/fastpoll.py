@@ -21,6 +21,12 @@ user CPU per transaction by about 40% (23.6 to 14.2 us, pgbench -S, 64
 clients). On CPython that path measured slightly slower (33.7 against 35.8
 us), so it stays off there.
 
+TLS connections that ``tlssock`` made (OpenSSL on the socket) are read
+inline the same way, with one ``SSL_read`` into tlssock's shared buffer; a
+large record (bulk data), no data or an error go to ``tlssock.received``.
+Their handshakes, and any event that is not a plain read, take the generic
+dispatch.
+
 It touches reactor internals, so it checks for them and does nothing (returns
 False) on any other reactor or Twisted layout. Only service/tap code calls it.
 """
@@ -45,6 +51,12 @@ _AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR)
 _INTO = None  # read_into: the one receive buffer (a bytearray of _BUFSIZE)
 _INTO_VIEW = None  # ... and a memoryview of it
 _CLOCK = None  # stats.EventClock set after each poll (install's ``clock``)
+# tlssock's established TLS transports, read inline too: their classes, the
+# accepted connections' one, and (SSL_read, its buffer and size, the record
+# size from which more is read, ffi.unpack, tlssock.received).
+_TLS = frozenset()
+_TLS_ACCEPTED = None
+_TLS_READ = (None, None, 0, 0, None, None)
 
 
 def _plain_tcp_classes():
@@ -93,6 +105,9 @@ def _fast_do_poll(self, timeout):
     into = _INTO
     view = _INTO_VIEW
     clock = _CLOCK
+    tls = _TLS
+    tls_accepted = _TLS_ACCEPTED
+    ssl_read, rbuf, rsize, more_at, unpack, received = _TLS_READ
     while True:
         try:
             batch = poll(timeout, len(selectables))
@@ -146,6 +161,34 @@ def _fast_do_poll(self, timeout):
                     if why:
                         self._disconnectSelectable(selectable, why, True)
                     continue
+                if event == EPOLLIN and cls in tls:
+                    if several and cls is tls_accepted:
+                        if later is None:
+                            later = [(fd, event)]
+                        else:
+                            later.append((fd, event))
+                        continue
+                    # The same for a TLS connection (tlssock): one SSL_read
+                    # of what OpenSSL reads from the socket; a small record
+                    # (a query, an answer) is delivered here, anything else
+                    # (a large record: read on; nothing; an error) by
+                    # tlssock.received.
+                    ssl = selectable._tls_ssl
+                    if ssl is None:
+                        continue  # lost meanwhile (never pass NULL to OpenSSL)
+                    try:
+                        n = ssl_read(ssl, rbuf, rsize)
+                        if 0 < n < more_at:
+                            why = selectable.protocol.dataReceived(unpack(rbuf, n))
+                        else:
+                            why = received(selectable, n)
+                    except BaseException:
+                        why = sys.exc_info()[1]
+                        log.failure("unhandled error reading from {selectable}",
+                                    selectable=selectable)
+                    if why:
+                        self._disconnectSelectable(selectable, why, True)
+                    continue
                 if selectable is None:
                     continue
                 try:
@@ -166,6 +209,22 @@ def _fast_do_poll(self, timeout):
                 timeout = _LONGEST
         else:
             timeout = -1
+
+
+def _install_tls():
+    """Read tlssock's established TLS connections inline (when tlssock is
+    usable here; else they go through the generic dispatch)."""
+    global _TLS, _TLS_ACCEPTED, _TLS_READ
+    try:
+        from pgcat_tw import tlssock
+    except ImportError:  # pragma: no cover - no pyOpenSSL
+        return
+    if not tlssock.ESTABLISHED:
+        return
+    _TLS = tlssock.ESTABLISHED
+    _TLS_ACCEPTED = tlssock.ESTABLISHED_ACCEPTED
+    _TLS_READ = (tlssock._SSL_read, tlssock._RBUF, tlssock.BUFSIZE, tlssock.MORE_AT,
+                 tlssock._unpack, tlssock.received)
 
 
 def install(reactor, read_into=None, clock=None):
@@ -200,6 +259,7 @@ def install(reactor, read_into=None, clock=None):
         _INTO_VIEW = memoryview(_INTO)
     if not hasattr(reactor, "_disconnectSelectable"):
         return False
+    _install_tls()
     _CLOCK = clock
     reactor.doIteration = types.MethodType(_fast_do_poll, reactor)
     reactor._pgcat_fastpoll = True

@@ -564,6 +564,7 @@ def _fast_capable(transport):
         and hasattr(transport, "socket")
         and callable(getattr(transport, "fileno", None))
         and not getattr(transport, "TLS", False)
+        and not getattr(transport, "pgcat_tls", False)  # tlssock: OpenSSL writes it
     )
 
 
@@ -647,7 +648,11 @@ _write_through_by_class = {}
 def writer_for(transport):
     """The write function to use for a transport (decided once per
     connection): for a plain TCP transport, ``write_through`` (its own copy
-    per transport class, see ``monomorphic_copy``)."""
+    per transport class, see ``monomorphic_copy``); for a transport that
+    names its own (``pgcat_writer``: tlssock's TLS transports), that one."""
+    w = getattr(type(transport), "pgcat_writer", None)
+    if w is not None:
+        return w
     if not _fast_capable(transport):
         return plain_write
     cls = transport.__class__

@@ -24,7 +24,7 @@ import time
 
 import psycopg
 import tomli
-from twisted.internet import defer, protocol, reactor, threads, utils
+from twisted.internet import defer, protocol, reactor, task, threads, utils
 from twisted.logger import globalLogPublisher
 
 from pgcat_tw import config as config_mod
@@ -684,3 +684,97 @@ class TLSBothSidesTests(ServerTLSTestCase, ClientTLSTestCase):
                                              in_thread(run, "pgcat_scram")])
         for r in results:
             self.assertEqual(r, (True, True, 20_000_000, 50000))
+
+
+# --- TLS on the socket itself (pgcat_tw.tlssock) ------------------------------------------
+
+def slow_read_query_tls(port, sql, rate_bytes_per_s):
+    """test_large.slow_read_query over TLS (SSLRequest, md5 login)."""
+    from tests.test_large import StreamCounter, query_message
+
+    sock, msgs = raw_tls_login(port, direct=False)
+    try:
+        if not msgs or msgs[-1][0] != b"Z":
+            raise AssertionError(f"login failed: {msgs!r}")
+        sock.settimeout(60)
+        sock.sendall(query_message(sql))
+        sc = StreamCounter()
+        start = time.monotonic()
+        while not sc.done:
+            data = sock.recv(65536)
+            if not data:
+                raise AssertionError(f"connection closed after {sc.total} bytes")
+            sc.feed(data)
+            ahead = sc.total / rate_bytes_per_s - (time.monotonic() - start)
+            if ahead > 0:
+                time.sleep(ahead)
+        sock.sendall(b"X\x00\x00\x00\x04")
+        return sc, time.monotonic() - start
+    finally:
+        sock.close()
+
+
+class TLSSocketTransportTests(ClientTLSTestCase):
+    """Clients' TLS runs on tlssock's transports (OpenSSL on the socket);
+    a slow TLS reader of a 200 MB COPY keeps the pooler's buffers bounded."""
+
+    timeout = 300
+    pool_size = 1
+
+    @defer.inlineCallbacks
+    def test_slow_tls_reader_bounds_pooler_buffers(self):
+        from tests.test_large import BUFFER_BOUND, COPY_200MB, MB, ROWS_200MB, BufferSampler
+
+        classes = set()
+
+        def sample_classes():
+            for client in self.pooler.service.factory.clients:
+                if client.transport is not None:
+                    classes.add(type(client.transport).__name__)
+        s = BufferSampler(self.pooler.service.factory)
+        s.start()
+        self.addCleanup(s.stop)
+        probe = task.LoopingCall(sample_classes)
+        probe.start(0.05)
+        self.addCleanup(lambda: probe.running and probe.stop())
+        sc, elapsed = yield in_thread(slow_read_query_tls, self.pooler.port, COPY_200MB,
+                                      50 * MB)
+        s.stop()
+        self.assertEqual(classes, {"TLSServer"})
+        self.assertEqual(sc.errors, [])
+        self.assertEqual(sc.counts.get(0x64), ROWS_200MB)
+        self.assertEqual(sc.payload.get(0x64), ROWS_200MB * 1001)
+        self.assertGreater(s.bound_samples, 50, s.report())
+        self.assertLess(s.client_max, BUFFER_BOUND, s.report())
+        self.assertLess(s.server_max, BUFFER_BOUND, s.report())
+        self.assertGreater(s.server_paused, 0,
+                           "the server connection was never paused: " + s.report())
+
+    @defer.inlineCallbacks
+    def test_transports_on_both_sides(self):
+        """Towards the client (TLSServer) and the server (TLSClient) while a
+        query runs; the client's writer is tlssock's write-through."""
+        yield threads.deferToThread(enable_server_ssl)
+        seen = []
+
+        def look():
+            for client in self.pooler.service.factory.clients:
+                server = client.server
+                if server is not None:
+                    seen.append((type(client.transport).__name__,
+                                 type(server.transport).__name__,
+                                 client.writer is type(client.transport).pgcat_writer))
+        text = pooler_toml(free_port(), [(topology().primary.port, "primary")],
+                           general="server_tls = true\n" + self.certs.general_toml())
+        pooler = yield Pooler(text).start()
+        self.addCleanup(pooler.stop)
+        self.pooler = pooler
+        probe = task.LoopingCall(look)
+        probe.start(0.01)
+        self.addCleanup(lambda: probe.running and probe.stop())
+
+        def run():
+            with psycopg.connect(tls_dsn(pooler, sslmode="require")) as c:
+                return c.execute("select pg_sleep(0.3), 1").fetchone()[1]
+        self.assertEqual((yield in_thread(run)), 1)
+        self.assertIn(("TLSServer", "TLSClient", True), seen)

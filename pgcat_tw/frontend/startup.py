@@ -23,6 +23,7 @@ from pgcat_tw.protocol import messages as m
 from pgcat_tw.protocol.framing import FramingError, MessageBuffer
 from pgcat_tw.relay import writer_for
 from pgcat_tw.tls import ALPN_PROTOCOL, end_point_hash
+from pgcat_tw.tlssock import start_tls
 
 log = Logger()
 
@@ -117,14 +118,27 @@ class Startup:
         tls = self.client.factory.tls
         return tls.client_options if tls is not None else None
 
-    def _start_tls(self, options):
+    def _start_tls(self, options, initial=b""):
+        """TLS on the socket itself (tlssock), or else Twisted's TLS layer;
+        ``initial``: the ClientHello already read (direct TLS)."""
         client = self.client
         self.tls = True
         alsoProvides(client, IHandshakeListener)
+        if start_tls(client.transport, options, initial):
+            # Written through OpenSSL on the socket (tlssock.write_through).
+            client.writer = writer_for(client.transport)
+            return
         client.transport.startTLS(options)
-        # TLS transports are written through Twisted, not straight to the
-        # socket (relay.plain_write).
+        # Twisted's TLS transports are written through Twisted, not straight
+        # to the socket (relay.plain_write).
         client.writer = writer_for(client.transport)
+        if initial:
+            tls_layer = getattr(client.transport, "protocol", None)
+            if tls_layer is None or tls_layer is client:
+                client._fatal(ProtocolViolation("direct TLS is not available on this transport"))
+                return
+            # The ClientHello arrived before TLS started: hand it to the TLS layer.
+            tls_layer.dataReceived(initial)
 
     def _begin_direct_tls(self, data):
         client = self.client
@@ -137,13 +151,7 @@ class Startup:
             return
         self.tls_direct = True
         client.tls_direct = True
-        self._start_tls(options)
-        tls_layer = getattr(client.transport, "protocol", None)
-        if tls_layer is None or tls_layer is client:
-            client._fatal(ProtocolViolation("direct TLS is not available on this transport"))
-            return
-        # The ClientHello arrived before TLS started: hand it to the TLS layer.
-        tls_layer.dataReceived(data)
+        self._start_tls(options, data)
 
     def _on_cancel(self, pid, secret):
         factory = self.client.factory
