@@ -192,6 +192,12 @@ class Target:
         self.tls = getattr(args, "tls_files", None)  # a Certificate with --tls
         self.tls_session = None  # (protocol, cipher) a client gets, with --tls
 
+    def wrapped(self, argv):
+        """The pooler's command line, through ``args.wrap(target, argv)``
+        when a caller set one (bench/counts.py: valgrind, a profiler)."""
+        wrap = getattr(self.args, "wrap", None)
+        return wrap(self, argv) if wrap is not None else argv
+
     def client_env(self, **extra):
         """The environment of a libpq client (pgbench, psql) of this target:
         the password and, with --tls, sslmode=require."""
@@ -305,9 +311,10 @@ class PgBouncerTarget(Target):
             "client_tls_protocols = secure",
         ] if self.tls is not None else []) + [""]))
         self.proc = ServerProcess(
-            "pgbouncer", [self.args.pgbouncer, ini],
+            "pgbouncer", self.wrapped([self.args.pgbouncer, ini]),
             os.path.join(d, "stdout.log"), env=runas.env(), cwd=d, runas=runas)
-        if not wait_for_port(self.port, self.proc.popen, timeout=20):
+        if not wait_for_port(self.port, self.proc.popen,
+                             timeout=getattr(self.args, "start_timeout", 20)):
             raise BenchError("pgbouncer did not start\n" + self.describe_failure())
         log("pgbouncer (pid %d) on port %d" % (self.pid, self.port))
 
@@ -344,9 +351,10 @@ class PgcatTwTarget(Target):
         env["PYTHONPATH"] = os.pathsep.join(
             [REPO_DIR] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         self.proc = ServerProcess(
-            self.name, [twistd, "-n", "--pidfile=", "pgcat", "-c", toml],
+            self.name, self.wrapped([twistd, "-n", "--pidfile=", "pgcat", "-c", toml]),
             os.path.join(d, "twistd.log"), env=env, cwd=d)
-        if not wait_for_port(self.port, self.proc.popen, timeout=30):
+        if not wait_for_port(self.port, self.proc.popen,
+                             timeout=getattr(self.args, "start_timeout", 30)):
             raise BenchError("pgcat_tw did not start\n" + self.describe_failure())
         log("%s (pid %d) on port %d" % (self.name, self.pid, self.port))
         self.interpreter = pooler_interpreter(self.pid)
