@@ -18,6 +18,7 @@ from pgcat_tw.errors import ServerConnectionFailed
 from pgcat_tw.mirror import MirrorSet
 from pgcat_tw.pool import ConnectionPool, LoginGate
 from pgcat_tw.prepared import StatementCache
+from pgcat_tw.router.pool_router import PoolRouter
 from pgcat_tw.stats import Averages, Totals
 
 log = Logger()
@@ -86,6 +87,9 @@ class UserPool:
         self.settings = resolve(config, pool_cfg, user_cfg)
         self.mode = self.settings.pool_mode
         self._reconfigure_statements(pool_cfg.prepared_statements_cache_size)
+        # The router of the pool's clients (None: the pool neither parses,
+        # shards nor reads comment hints).
+        self.router = PoolRouter(pool_cfg) if PoolRouter.needed(pool_cfg) else None
         g = config.general
         self.keepalive = (g.tcp_keepalives_idle, g.tcp_keepalives_interval,
                           g.tcp_keepalives_count, g.tcp_user_timeout)

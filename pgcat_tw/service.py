@@ -17,6 +17,7 @@ from pgcat_tw.auth_query import AuthQueries
 from pgcat_tw.frontend import ClientFactory
 from pgcat_tw.janitor import Janitor
 from pgcat_tw.stats import LiveClock
+from pgcat_tw.tap import check_parser
 from pgcat_tw.timeouts import Timeouts
 from pgcat_tw.tls import TLSError, TLSState
 
@@ -176,6 +177,7 @@ class PgCatService(service.MultiService):
         log.info("Reloading config", path=self.config_path)
         try:
             config, warnings = load(self.config_path)
+            check_parser(config)   # before anything in force is touched
         except ConfigError as e:
             # PgCat's wording: the error's own text, at ERROR (scripts grep it).
             log.error("{error}", error=str(e), path=self.config_path)

@@ -34,6 +34,7 @@ class Options(usage.Options):
         try:
             self.loaded = load(self["config"])
             check_tls_files(self.loaded[0])
+            check_parser(self.loaded[0])
         except ConfigError as e:
             raise _BadConfig(str(e)) from None
 
@@ -49,6 +50,21 @@ def check_tls_files(config):
         TLSState(config.general)
     except TLSError as e:
         raise ConfigError(config.path, f"general.{e.setting}", e.problem) from None
+
+
+def check_parser(config):
+    """A pool with ``query_parser_enabled`` needs libpg_query (the router's
+    parser): ConfigError naming the key and the package when it cannot load."""
+    from pgcat_tw.router import pgquery
+
+    for pool in config.pools:
+        if pool.query_parser_enabled:
+            try:
+                pgquery.load()
+            except pgquery.ParserUnavailable as e:
+                raise ConfigError(config.path, f"pools.{pool.name}.query_parser_enabled",
+                                  str(e)) from None
+            return
 
 
 def _exit_with_error(message, usage_text=None):

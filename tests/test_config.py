@@ -79,9 +79,7 @@ class ConfFilesTests(SynchronousTestCase):
                 continue
             self.assertEqual(
                 sorted(w.split(": ")[1] for w in warnings),
-                ["general.validate_config", "general.worker_threads",
-                 "pools.app.regex_search_limit", "pools.app.shard_id_regex",
-                 "pools.app.sharding_key_regex"])
+                ["general.validate_config", "general.worker_threads"])
             for w in warnings:
                 self.assertIn(NOT_ACTED_ON, w)
 
@@ -308,7 +306,7 @@ class ParsedValuesTests(SynchronousTestCase):
         pool(data)["query_parser_enabled"] = True
         cfg, warnings = config.from_dict(data)
         self.assertEqual(sorted(w.split(": ")[1] for w in warnings),
-                         ["plugins.query_logger", "pools.app.query_parser_enabled"])
+                         ["plugins.query_logger"])
         plugins = cfg.plugins_for(cfg.pool("app"))
         self.assertIs(plugins, cfg.plugins)
         self.assertTrue(plugins["query_logger"]["enabled"])

@@ -32,9 +32,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PGCAT_CONFIGS = os.path.join(HERE, "pgcat_configs")
 NOT_ACTED_ON = "accepted but not acted on in this release"
 
-PARSER = "pools.{}.query_parser_enabled"
-SHARDING = "pools.{}.sharding_function"
-SHARDS = "pools.{}.shards"
+# The router acts on the query parser's, sharding's and comment hints' keys:
+# PgCat's files no longer warn about them.
 
 
 def path_of(name):
@@ -111,9 +110,7 @@ class FilesTests(SynchronousTestCase):
         simple = cfg.pool("simple_db")
         self.assertEqual(resolve(cfg, simple, simple.users[0]).connect_timeout, 5000)
         self.assertEqual(keypaths(warnings), sorted([
-            "general.worker_threads", PARSER.format("sharded_db"),
-            SHARDING.format("sharded_db"), SHARDS.format("sharded_db"),
-            PARSER.format("simple_db")]))
+            "general.worker_threads"]))
         self.assertTrue(all(NOT_ACTED_ON in w for w in warnings), warnings)
 
     def test_pgcat_001fe7e(self):
@@ -124,8 +121,7 @@ class FilesTests(SynchronousTestCase):
                           g.autoreload), ("0.0.0.0", 6432, 5000, 60000, None))
         self.assert_sample_pools(cfg, (9, 21, 5), (0, 0, 0))
         self.assertEqual(keypaths(warnings), sorted([
-            PARSER.format("sharded_db"), SHARDING.format("sharded_db"),
-            SHARDS.format("sharded_db"), PARSER.format("simple_db")]))
+            ]))
 
     def test_circleci_pgcat(self):
         """PgCat's CI file: TLS towards clients, ``autoreload = true``
@@ -138,8 +134,7 @@ class FilesTests(SynchronousTestCase):
                           ".circleci/server.key"))
         self.assert_sample_pools(cfg, (1, 1, 1), (0, 30000, 30000))
         self.assertEqual(keypaths(warnings), sorted([
-            PARSER.format("sharded_db"), SHARDING.format("sharded_db"),
-            SHARDS.format("sharded_db"), PARSER.format("simple_db")]))
+            ]))
 
     def test_examples_docker_pgcat(self):
         """docker-compose's file: the one server is listed as primary and as
@@ -154,8 +149,7 @@ class FilesTests(SynchronousTestCase):
                          [("postgres", DOCKER_PAIR)] * 3)
         both = [f"pools.postgres.shards.{i}.servers.1" for i in range(3)]
         self.assertEqual(keypaths(warnings), sorted(both + [
-            PARSER.format("postgres"), SHARDING.format("postgres"),
-            SHARDS.format("postgres")]))
+            ]))
         self.assertIn("postgres:5432 is also pools.postgres.shards.0.servers.0 (primary)",
                       " ".join(warnings))
 
@@ -172,8 +166,7 @@ class FilesTests(SynchronousTestCase):
         both = [f"pools.sharded.shards.{i}.servers.1" for i in range(3)]
         self.assertEqual(keypaths(warnings), sorted(both + [
             "pools.sharded.users.0.username", "pools.simple_db.shards.0.servers.1",
-            PARSER.format("sharded"), SHARDING.format("sharded"), SHARDS.format("sharded"),
-            PARSER.format("simple_db")]))
+            ]))
         self.assertIn('duplicate username "postgres"', " ".join(warnings))
 
     def test_config_md_bae12fc(self):
@@ -184,8 +177,7 @@ class FilesTests(SynchronousTestCase):
                          (r"/\* sharding_key: (\d+) \*/", "data.id"))
         self.assertEqual(pool.shards[0].mirrors, (("1.2.3.4", 5432, 0), ("1.2.3.4", 5432, 1)))
         self.assertEqual(keypaths(warnings), sorted([
-            "general.worker_threads", PARSER.format("sharded_db"),
-            "pools.sharded_db.sharding_key_regex", "pools.sharded_db.automatic_sharding_key"]))
+            "general.worker_threads"]))
 
 
 # --- TLS: PgCat's CI key form, and keys that cannot be used ----------------------
@@ -270,7 +262,7 @@ class TLSFilesTests(SynchronousTestCase):
         cfg, warnings = options.loaded
         self.assertEqual((cfg.general.tls_certificate, cfg.general.tls_private_key),
                          (self.cert, self.key))
-        self.assertEqual(len(warnings), 4)
+        self.assertEqual(warnings, [])   # (the router acts on its keys)
         state = tls.TLSState(cfg.general)
         self.assertTrue(state.accepts_tls)
         self.assertEqual(tls.load_private_key(self.key, "tls_private_key").bits(), 2048)
@@ -388,39 +380,31 @@ class NotActedOnTests(SynchronousTestCase):
                          ["general.dns_cache_enabled", "general.dns_max_ttl"])
 
     def test_pool(self):
-        warned = {"query_parser_enabled": True, "query_parser_max_length": 100,
-                  "query_parser_read_write_splitting": True,
-                  "automatic_sharding_key": "t.id", "sharding_key_regex": "x", "shard_id_regex": "y",
-                  "regex_search_limit": 10, "cleanup_server_connections": False,
+        warned = {"cleanup_server_connections": False,
                   "log_client_parameter_status_changes": True,
                   "db_activity_based_routing": True, "db_activity_init_delay": 5,
                   "db_activity_ttl": 5, "table_mutation_cache_ms_ttl": 5}
         self.assertEqual(self.warned(pool_keys=warned),
                          sorted(f"pools.app.{k}" for k in warned))
-        inert = {"query_parser_enabled": False, "query_parser_max_length": 100,
-                 "query_parser_read_write_splitting": False,
-                 "automatic_sharding_key": "t.id", "sharding_function": "sha1",
-                 "regex_search_limit": 10, "default_shard": "random",
-                 "cleanup_server_connections": True,
+        inert = {"cleanup_server_connections": True,
                  "log_client_parameter_status_changes": False,
                  "db_activity_based_routing": False, "db_activity_init_delay": 5,
                  "db_activity_ttl": 5, "table_mutation_cache_ms_ttl": 5}
         self.assertEqual(self.warned(pool_keys=inert), [])
 
-    def test_sharding(self):
+    def test_router_keys_are_acted_on(self):
+        """The query parser's, sharding's and comment hints' keys, and shards
+        beyond the first: the router acts on them, no warning."""
+        self.assertEqual(self.warned(pool_keys={
+            "query_parser_enabled": True, "query_parser_max_length": 100,
+            "query_parser_read_write_splitting": True,
+            "automatic_sharding_key": "t.id", "sharding_key_regex": "k: (\\d+)",
+            "shard_id_regex": "s: (\\d+)", "regex_search_limit": 10,
+            "sharding_function": "sha1", "default_shard": "random"}), [])
         data = base()
         pool(data)["shards"]["1"] = {"database": "db1", "servers": [["b", 1, "primary"]]}
         pool(data).update(sharding_function="sha1", default_shard="random")
-        _, warnings = config.from_dict(data, "t.toml")
-        self.assertEqual(sorted(w.split(": ", 1)[1] for w in warnings), [
-            "pools.app.default_shard: " + NOT_ACTED_ON
-            + " (sharding: clients are served by shard 0)",
-            "pools.app.sharding_function: " + NOT_ACTED_ON
-            + " (sharding: clients are served by shard 0)",
-            "pools.app.shards: " + NOT_ACTED_ON
-            + " (sharding: clients are served by shard 0; shard(s) 1 get no queries)"])
-        pool(data)["default_shard"] = "shard_0"
-        self.assertNotIn("default_shard", " ".join(config.from_dict(data)[1]))
+        self.assertEqual(config.from_dict(data, "t.toml")[1], [])
 
     def test_acted_on_keys_are_silent(self):
         """Keys that were in these tables until their feature landed."""
@@ -436,7 +420,7 @@ class NotActedOnTests(SynchronousTestCase):
             "query_parser_enabled": True,
             "plugins": {"prewarmer": {"enabled": True, "queries": ["select 1"]},
                         "query_logger": {"enabled": False}}}),
-            ["pools.app.plugins.prewarmer", "pools.app.query_parser_enabled"])
+            ["pools.app.plugins.prewarmer"])
 
     def test_autoreload_forms(self):
         """Milliseconds, or the boolean of older PgCat releases (true: every

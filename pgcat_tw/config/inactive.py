@@ -22,8 +22,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-__all__ = ["GENERAL", "POOL", "USER", "MESSAGE", "section_warnings", "shards_warning",
-           "mirrors_warning", "plugin_warnings"]
+__all__ = ["GENERAL", "POOL", "USER", "MESSAGE", "section_warnings", "plugin_warnings"]
 
 MESSAGE = "accepted but not acted on in this release ({what})"
 
@@ -38,24 +37,10 @@ def _false(value, obj) -> bool:
     return value is False
 
 
-def _parser_off(value, obj) -> bool:
-    return not obj.query_parser_enabled
-
-
-def _one_shard(value, obj) -> bool:
-    return len(obj.shards) == 1
-
-
-def _no_regex(value, obj) -> bool:
-    return obj.sharding_key_regex is None and obj.shard_id_regex is None
-
-
 def _activity_off(value, obj) -> bool:
     return not obj.db_activity_based_routing
 
 
-_SHARDING = "sharding: clients are served by shard 0"
-_PARSER = "queries are not parsed; the role is default_role's or SET SERVER ROLE's"
 _ACTIVITY = "reads are not routed by recent writes"
 
 GENERAL: _Table = {
@@ -66,16 +51,9 @@ GENERAL: _Table = {
                     "host names are resolved at every connect"),
 }
 
+# The router (query parser, read/write splitting, sharding, comment hints)
+# acts on its keys: none of them is here.
 POOL: _Table = {
-    "query_parser_enabled": (_false, _PARSER),
-    "query_parser_max_length": (_parser_off, _PARSER),
-    "query_parser_read_write_splitting": (_false, _PARSER),
-    "automatic_sharding_key": (_parser_off, _SHARDING),
-    "sharding_function": (_one_shard, _SHARDING),
-    "sharding_key_regex": (_never, _SHARDING),
-    "shard_id_regex": (_never, _SHARDING),
-    "regex_search_limit": (_no_regex, _SHARDING),
-    "default_shard": (lambda v, p: v == "shard_0" or len(p.shards) == 1, _SHARDING),
     "cleanup_server_connections": (lambda v, p: v is True,
                                    "servers are always reset between clients"),
     "log_client_parameter_status_changes": (_false, "ParameterStatus changes are not logged"),
@@ -98,19 +76,6 @@ def section_warnings(table: _Table, values: dict, obj) -> list[tuple[str, str]]:
         if entry is not None and not entry[0](getattr(obj, key), obj):
             out.append((key, MESSAGE.format(what=entry[1])))
     return out
-
-
-def shards_warning(pool) -> str | None:
-    """The problem text for a pool with more than one shard, or None."""
-    others = [str(s.index) for s in pool.shards[1:]]
-    if not others:
-        return None
-    return MESSAGE.format(what=f"{_SHARDING}; shard(s) {', '.join(others)} get no queries")
-
-
-def mirrors_warning(shard) -> str | None:
-    """Mirrors are acted on (pgcat_tw.mirror): nothing to warn about."""
-    return None
 
 
 def plugin_warnings(plugins) -> list[tuple[str, str]]:

@@ -136,6 +136,9 @@ class Pool:
     query_parser_enabled: bool = False
     query_parser_max_length: int | None = None
     query_parser_read_write_splitting: bool = False
+    # pgcat_tw: functions a query sent to a replica may call besides the
+    # built-in read-only ones ("f" or "schema.f").
+    query_parser_read_only_functions: tuple[str, ...] = ()
     primary_reads_enabled: bool = False
     connect_timeout: int | None = None
     idle_timeout: int | None = None

@@ -25,6 +25,7 @@ import tomli
 from pgcat_tw.auth import md5 as _md5
 from pgcat_tw.auth import scram as _scram
 from pgcat_tw.config import inactive
+from pgcat_tw.router import functions
 from pgcat_tw.config.model import (
     Config,
     ConfigError,
@@ -268,6 +269,7 @@ class _Parser:
             )
         if _any_enabled(plugins) and not pool.query_parser_enabled:
             self.fail(_key(keypath, "plugins"), "requires query_parser_enabled = true")
+        self.router_settings(pool, keypath)
         if pool.default_shard.startswith("shard_"):
             number = int(pool.default_shard[len("shard_"):])
             if number >= len(shards):
@@ -278,16 +280,27 @@ class _Parser:
                 )
         return pool
 
+    def router_settings(self, pool: Pool, keypath: str):
+        """What the router must be able to use: the comment-hint patterns
+        (a capture group, usable on bytes) and the read-only function names."""
+        for name in ("shard_id_regex", "sharding_key_regex"):
+            pattern = getattr(pool, name)
+            if pattern is None:
+                continue
+            try:
+                rx = re.compile(pattern.encode())
+            except re.error as e:
+                self.fail(_key(keypath, name), f"not a usable regular expression: {e}")
+            if rx.groups < 1:
+                self.fail(_key(keypath, name),
+                          "needs a capture group: group 1 is the shard id or key")
+        try:
+            functions.user_list(pool.query_parser_read_only_functions)
+        except ValueError as e:
+            self.fail(_key(keypath, "query_parser_read_only_functions"), str(e))
+
     def pool_warnings(self, pool: Pool, keypath: str):
-        """Shards beyond the first, mirrors and pool plugins: accepted, not
-        acted on."""
-        problem = inactive.shards_warning(pool)
-        if problem:
-            self.warn(_key(keypath, "shards"), problem)
-        for shard in pool.shards:
-            problem = inactive.mirrors_warning(shard)
-            if problem:
-                self.warn(_key(keypath, "shards", shard.index, "mirrors"), problem)
+        """Pool plugins: accepted, not acted on."""
         for name, problem in inactive.plugin_warnings(pool.plugins):
             self.warn(_key(keypath, "plugins", name), problem)
 

@@ -106,6 +106,7 @@ POOL_SPEC: _SpecT = {
     "query_parser_enabled": BOOL,
     "query_parser_max_length": POSITIVE,
     "query_parser_read_write_splitting": BOOL,
+    "query_parser_read_only_functions": STRING_LIST,
     "primary_reads_enabled": BOOL,
     "connect_timeout": NON_NEGATIVE,
     "idle_timeout": NON_NEGATIVE,

@@ -35,6 +35,7 @@ from pgcat_tw.errors import PgError, ProtocolViolation, ServerConnectionFailed
 from pgcat_tw.frontend.checkout import Checkout
 from pgcat_tw.frontend.commands import MAYBE_COMMAND, Commands, whole_query
 from pgcat_tw.frontend.limits import ClientLimits
+from pgcat_tw.frontend.routing import AUTO, Routing
 from pgcat_tw.frontend.login import Login
 from pgcat_tw.frontend.startup import Startup, check_alpn
 from pgcat_tw.pool import Waiter
@@ -83,7 +84,7 @@ class ClientFactory(Factory):
 
 
 @implementer(IBoundClient)
-class ClientProtocol(Checkout, Commands, Protocol):
+class ClientProtocol(Checkout, Commands, Routing, Protocol):
     peer = None
     shard = 0                 # shard of the next transaction (set by sharding)
     tls_direct = False        # the connection began with a TLS ClientHello
@@ -215,7 +216,12 @@ class ClientProtocol(Checkout, Commands, Protocol):
         up = self.user_pool = session.user_pool
         pool_cfg = up.pool_cfg
         self.transaction_mode = up.mode == "transaction"
-        self.role = pool_cfg.default_role          # 'primary' | 'replica' | 'any' | 'auto'
+        router = up.router
+        # The role SET SERVER ROLE would set ('auto': the parser decides), and
+        # the role of the next checkout (a router recomputes it per transaction).
+        self.role_setting = AUTO if router is not None and router.splitting \
+            else pool_cfg.default_role
+        self.role = pool_cfg.default_role
         self.primary_reads = pool_cfg.primary_reads_enabled
         if self.transaction_mode and up.statement_cache is not None:
             self.rewriter = Rewriter(up.statement_cache)
@@ -278,8 +284,15 @@ class ClientProtocol(Checkout, Commands, Protocol):
                 self._after_copy_end()
             return
         if data[0] == 81 and not self._checking_out and sc.pending == 1 and not self._held \
-                and MAYBE_COMMAND.match(data, 5) is not None and whole_query(data) \
-                and self._answer_between_transactions(data):
+                and MAYBE_COMMAND.match(data, 5) is not None and whole_query(data):
+            answered = self._answer_between_transactions(data)
+            if answered is True:
+                return
+            if answered:
+                data = answered   # its leading custom commands were answered
+        elif data[0] == 80 and not self._checking_out and not self._held and len(data) > 6 \
+                and data[5] == 0 and MAYBE_COMMAND.match(data, 6) is not None \
+                and self._answer_extended_custom(data):
             return
         if self.rewriter is not None and not self._checking_out and not self._held \
                 and data[0] == codes.F_PARSE and sc.at_boundary \
@@ -289,6 +302,9 @@ class ClientProtocol(Checkout, Commands, Protocol):
             # Fast paths: an idle server of the balancer's pick, or else a
             # place in that address's queue (no idle server there at all).
             up = self.user_pool
+            router = up.router
+            if router is not None and not self._held and self._route(data, router):
+                return   # answered: the router refused it
             bal = up.balancer
             server = bal.take_idle(self.role, self.primary_reads, self.shard)
             self._checking_out = True

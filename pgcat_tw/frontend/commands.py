@@ -24,6 +24,7 @@ from pgcat_tw.errors import PgError
 from pgcat_tw.protocol import codes
 from pgcat_tw.protocol import messages as m
 from pgcat_tw.protocol.framing import SKIP, FramingError, MessageBuffer, Scanner, want_table
+from pgcat_tw.frontend.routing import ANY_SHARD, AUTO, requests as routing_requests
 from pgcat_tw.router import custom
 from pgcat_tw.router import sql as sqlcmd
 
@@ -70,12 +71,30 @@ class Commands:
 
     def _answer_between_transactions(self, data):
         """One whole simple Query, no server bound, nothing held: answer it
-        if it is one of ours. -> True if answered."""
+        if it is one of ours. -> True if answered; a rewritten Query (bytes)
+        when it began with custom commands (answered here) and the rest is
+        for a server; False otherwise."""
         cmd = custom.match(data, 5, len(data))
         if cmd is not None:
             self.scanner.pending -= 1
-            self._custom_command(*cmd)
+            self.transport.write(self._custom_answer(*cmd) + m.READY_IDLE)
             return True
+        found, rest = custom.leading(bytes(data[5:-1]))
+        if found:
+            replies = []
+            for command in found:
+                try:
+                    replies.append(self._custom_reply(*command))
+                except PgError as e:
+                    replies.append(e.to_message())
+                    rest = b""    # as PostgreSQL: an error ends the string
+                    break
+            if not rest.strip():
+                self.scanner.pending -= 1
+                self.transport.write(b"".join(replies) + m.READY_IDLE)
+                return True
+            self.transport.write(b"".join(replies))
+            return m.query(rest.decode("utf-8", "surrogateescape"))
         return self.transaction_mode and self._sql_command(data, False)
 
     def _sql_command(self, data, bound):
@@ -117,24 +136,104 @@ class Commands:
         self.transport.write(reply + m.ready_for_query(bytes((status,))))
         return True
 
-    def _custom_command(self, cmd, arg):
-        """Answer one of PgCat's custom commands (reference §4.1)."""
+    def _custom_answer(self, cmd, arg):
+        """The reply to one custom command, or its ErrorResponse."""
+        try:
+            return self._custom_reply(cmd, arg)
+        except PgError as e:
+            return e.to_message()
+
+    def _custom_reply(self, cmd, arg):
+        """Do one of PgCat's custom commands (reference §4.1): its reply,
+        without ReadyForQuery. Raises PgError for a value it refuses."""
         pool_cfg = self.user_pool.pool_cfg
+        router = self.user_pool.router
         if cmd == "set_server_role":
-            self.role = pool_cfg.default_role if arg == "default" else arg
-            reply = m.command_complete("SET SERVER ROLE")
-        elif cmd == "show_server_role":
-            reply = (m.row_description([("server role", 25)]) + m.data_row([self.role])
-                     + m.command_complete("SELECT 1"))
-        elif cmd == "set_primary_reads":
+            if arg == "default":
+                arg = AUTO if router is not None and router.splitting \
+                    else pool_cfg.default_role
+            self.role_setting = arg
+            if router is None:
+                self.role = arg if arg != AUTO else pool_cfg.default_role
+            return m.command_complete("SET SERVER ROLE")
+        if cmd == "show_server_role":
+            return self._show("server role", self.role_setting)
+        if cmd == "set_primary_reads":
             self.primary_reads = (pool_cfg.primary_reads_enabled if arg == "default"
                                   else arg == "on")
-            reply = m.command_complete("SET PRIMARY READS")
-        else:  # show_primary_reads
-            reply = (m.row_description([("primary reads", 25)])
-                     + m.data_row(["on" if self.primary_reads else "off"])
-                     + m.command_complete("SELECT 1"))
-        self.transport.write(reply + m.READY_IDLE)
+            return m.command_complete("SET PRIMARY READS")
+        if cmd == "show_primary_reads":
+            return self._show("primary reads", "on" if self.primary_reads else "off")
+        shards = len(pool_cfg.shards)
+        if cmd == "set_shard":
+            if arg == "any":
+                self.shard_setting = ANY_SHARD
+            else:
+                shard = int(arg)
+                if shard >= shards:
+                    raise PgError(
+                        f"shard {shard} is not configured (the pool has {shards} shard(s), "
+                        f"numbered from 0); staying on shard {self._shard_text()}",
+                        sqlstate="22023")
+                self.shard_setting = shard
+            self._shard_changed()
+            return m.command_complete("SET SHARD")
+        if cmd == "set_sharding_key":
+            key = int(arg)
+            if not -(1 << 63) <= key < (1 << 63):
+                raise PgError(f"sharding key {arg} is out of the bigint range",
+                              sqlstate="22003")
+            fn = router.shard_of_key if router is not None else (lambda k: 0)
+            self.shard_setting = fn(key)
+            self._shard_changed()
+            return m.command_complete("SET SHARDING KEY")
+        # show_shard
+        return self._show("shard", self._shard_text())
+
+    def _shard_changed(self):
+        if self.user_pool.router is None:
+            self.shard = self.shard_setting if self.shard_setting != ANY_SHARD else 0
+
+    def _shard_text(self):
+        s = self.shard_setting
+        return "unset" if s is None else "any" if s == ANY_SHARD else str(s)
+
+    @staticmethod
+    def _show(column, value):
+        return (m.row_description([(column, 25)]) + m.data_row([value])
+                + m.command_complete("SELECT 1"))
+
+    def _answer_extended_custom(self, data):
+        """An unnamed Parse of a custom command with its Bind, Describe,
+        Execute and Sync, all in this chunk (what drivers such as psycopg 3
+        send for a statement without parameters): answered like the server
+        would. -> True if answered."""
+        msgs = routing_requests(data)
+        if not msgs or msgs[0][0] != b"P" or msgs[0][2] or data[-5:] != _SYNC:
+            return False
+        cmd = custom.match_text(msgs[0][1])
+        if cmd is None:
+            return False
+        try:
+            reply = self._custom_reply(*cmd)
+        except PgError as e:
+            self._skip_to_sync(e, data)
+            return True
+        out = [m.PARSE_COMPLETE, m.BIND_COMPLETE]
+        if reply[:1] == b"T":
+            # RowDescription answers the Describe; the rows and tag the Execute.
+            cut = 1 + int.from_bytes(reply[1:5], "big")
+            out.append(reply[:cut])
+            out.append(reply[cut:])
+        else:
+            if _DESCRIBE_PORTAL in data:
+                out.append(m.NO_DATA)
+            out.append(reply)
+        sc = self.scanner
+        sc.pending = 0
+        sc.unsynced = False
+        self.transport.write(b"".join(out) + m.READY_IDLE)
+        return True
 
     def _reject_named_parse(self, data):
         """Transaction mode without a statement cache: a named Parse cannot
@@ -149,7 +248,13 @@ class Commands:
                 or data[0] != codes.F_PARSE or not sc.at_boundary:
             self._fatal(err)
             return
-        # Like PostgreSQL after an error: answer, then skip to the next Sync.
+        self._skip_to_sync(err, data)
+
+    def _skip_to_sync(self, err, data):
+        """Like PostgreSQL after an error in an extended-protocol request:
+        answer ``err``, then skip every message up to the next Sync (whose
+        ReadyForQuery the pooler sends)."""
+        sc = self.scanner
         self.transport.write(err.to_message())
         sc.pending = 0
         sc.unsynced = False
@@ -257,6 +362,8 @@ class Commands:
 
 
 _ENDS_TRANSACTION = ("rollback", "commit", "end", "abort")
+_SYNC = b"S\x00\x00\x00\x04"
+_DESCRIBE_PORTAL = b"D\x00\x00\x00\x06P\x00"
 
 
 def _idle_timeout_error():

@@ -79,6 +79,9 @@ def backend_key_data(pid, secret):
 
 
 READY_IDLE = _msg(b"Z", b"I")
+PARSE_COMPLETE = _msg(b"1", b"")
+BIND_COMPLETE = _msg(b"2", b"")
+NO_DATA = _msg(b"n", b"")
 READY_IN_TX = _msg(b"Z", b"T")
 READY_FAILED = _msg(b"Z", b"E")
 
