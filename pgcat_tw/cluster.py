@@ -18,6 +18,7 @@ from pgcat_tw.errors import ServerConnectionFailed
 from pgcat_tw.mirror import MirrorSet
 from pgcat_tw.pool import ConnectionPool, LoginGate
 from pgcat_tw.prepared import StatementCache
+from pgcat_tw.router.plugins import Plugins
 from pgcat_tw.router.pool_router import PoolRouter
 from pgcat_tw.stats import Averages, Totals
 
@@ -90,6 +91,10 @@ class UserPool:
         # The router of the pool's clients (None: the pool neither parses,
         # shards nor reads comment hints).
         self.router = PoolRouter(pool_cfg) if PoolRouter.needed(pool_cfg) else None
+        # PgCat's plugins in force for the pool (None: none enabled; they
+        # need the parser, which the config checks).
+        self.plugins = Plugins.build(config.plugins_for(pool_cfg)) \
+            if pool_cfg.query_parser_enabled else None
         g = config.general
         self.keepalive = (g.tcp_keepalives_idle, g.tcp_keepalives_interval,
                           g.tcp_keepalives_count, g.tcp_user_timeout)
@@ -156,7 +161,8 @@ class UserPool:
             d = backend.connect(self.reactor, a.host, a.port, self.server_user,
                                 self.server_password, sh.database, pool.connect_timeout,
                                 keepalive=self.keepalive, tls=self.tls, clock=self.clock)
-            return d.addCallback(self._learn_role, pool)
+            d.addCallback(self._learn_role, pool)
+            return d.addCallback(self._prewarm, pool)
 
         pool = ConnectionPool(self.reactor, "", connect, pool_size=1)
 
@@ -194,12 +200,13 @@ class UserPool:
         pool.address = addr
         pool.shard = shard
         targets = [(h, p, i) for h, p, i in shard.mirrors if i == addr.index]
-        if not targets:
-            pool.mirrors = None
-        elif pool.mirrors is None or [(m.host, m.port, m.index) for m in pool.mirrors.stats] \
-                != targets:
-            # (A reload that changes the mirrors applies to new connections.)
-            pool.mirrors = MirrorSet(self.reactor, targets, self)
+        current = [] if pool.mirrors is None else \
+            [(m.host, m.port, m.index) for m in pool.mirrors.stats]
+        if targets != current:
+            # A reload that changes the mirrors applies to the connections
+            # the pool already has too.
+            pool.mirrors = MirrorSet(self.reactor, targets, self) if targets else None
+            MirrorSet.replace(list(pool.idle) + list(pool.busy), pool.mirrors, shard.database)
         if pool.health is not None:
             pool.health.configured = addr.role
         if pool.waiters or pool.total < pool.min_pool_size:
@@ -231,6 +238,32 @@ class UserPool:
             conn.close()
             return f
 
+        return d.addCallbacks(ran, failed)
+
+    def _prewarm(self, conn, pool):
+        """PgCat's prewarmer: a new server connection runs the listed
+        queries before its first client. A query's error is logged; the
+        connection is kept (its session is clean: no transaction is left
+        open by a failed simple query)."""
+        plugins = self.plugins
+        if plugins is None or not plugins.prewarm:
+            return conn
+        d = conn.run(list(plugins.prewarm), timeout=pool.connect_timeout or None)
+
+        def ran(results):
+            for sql, r in zip(plugins.prewarm, results):
+                if r.error:
+                    log.warn("prewarmer: {query} failed on {server}: {error}", query=sql,
+                             server=pool.name, error=r.error.get("M", "?"))
+            if conn.scanner.tx_status != 73:    # a BEGIN among them: not a clean server
+                conn.close()
+                raise ServerConnectionFailed(
+                    f"{pool.name}: the prewarmer's queries left a transaction open")
+            return conn
+
+        def failed(f):
+            conn.close()
+            return f
         return d.addCallbacks(ran, failed)
 
     def note_role(self, server):

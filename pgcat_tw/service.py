@@ -197,6 +197,8 @@ class PgCatService(service.MultiService):
         self._file_seen = _file_signature(self.config_path)
         self.cluster = Cluster(self.reactor, config, previous=old)
         old.retire(self.cluster)
+        for client in list(self.factory.clients):
+            client.plugins_reloaded()   # plugins enabled or removed take effect
         log.info("configuration reloaded from {path}", path=self.config_path)
         return None
 

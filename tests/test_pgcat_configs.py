@@ -414,13 +414,12 @@ class NotActedOnTests(SynchronousTestCase):
             user_keys={"statement_timeout": 5000}), [])
 
     def test_shard_and_plugins(self):
-        # Mirrors are acted on (pgcat_tw.mirror).
+        # Mirrors and plugins are acted on (pgcat_tw.mirror, router.plugins).
         self.assertEqual(self.warned(shard_keys={"mirrors": [["m", 1, 0]]}), [])
         self.assertEqual(self.warned(pool_keys={
             "query_parser_enabled": True,
             "plugins": {"prewarmer": {"enabled": True, "queries": ["select 1"]},
-                        "query_logger": {"enabled": False}}}),
-            ["pools.app.plugins.prewarmer"])
+                        "query_logger": {"enabled": False}}}), [])
 
     def test_autoreload_forms(self):
         """Milliseconds, or the boolean of older PgCat releases (true: every

@@ -43,7 +43,8 @@ PIP_ARGS = ("--only-binary", "cryptography")
 UNIT_MODULES = ("tests.test_framing", "tests.test_relay", "tests.test_pool",
                 "tests.test_fastpoll", "tests.test_handoff", "tests.test_balancer",
                 "tests.test_config", "tests.test_auth",
-                "tests.test_pgcat_configs", "tests.test_router", "tests.test_sharding")
+                "tests.test_pgcat_configs", "tests.test_router", "tests.test_sharding",
+                "tests.test_plugins_unit")
 
 def pypy_venv():
     """The PyPy venv, built on first use and cached (as is a failure)."""
@@ -180,6 +181,34 @@ class PyPyPoolerTests(PyPyVenvMixin, test_twistd.TwistdTestCase):
             code, out, err = psql(port, "select now() = statement_timestamp()")
             self.assertEqual((code, out), (0, "t"), err)
             self.assert_no_traceback(child.output())
+
+        return in_thread(run)
+
+    def test_router_and_plugins(self):
+        """The query parser (libpg_query through PyPy's cffi) and the
+        plugins on the PyPy pooler: custom SQL, an intercepted probe over
+        the extended protocol, a refused CTE, the query log."""
+        from tests.test_plugins import PLUGINS, PROBE
+
+        def run():
+            self.primary.psql("create table if not exists plugin_secret (id int); "
+                              "create table if not exists plugin_prewarmed (pid int); "
+                              "grant all on plugin_secret, plugin_prewarmed to public",
+                              "pgcat_test")
+            child, port = self._start(
+                pool_size=1, pool_extra="query_parser_enabled = true\n"
+                "query_parser_read_write_splitting = true\n" + PLUGINS)
+            dsn = (f"host=127.0.0.1 port={port} user=pgcat_md5 password={PASSWORD} "
+                   "dbname=pgcat_test sslmode=disable connect_timeout=10")
+            with psycopg.connect(dsn, autocommit=True, prepare_threshold=None) as conn:
+                self.assertEqual(conn.execute("SHOW SERVER ROLE").fetchone()[0], "auto")
+                self.assertEqual(conn.execute(PROBE).fetchall(), [("pgcat_test", "{public}")])
+                with self.assertRaises(psycopg.errors.InsufficientPrivilege):
+                    conn.execute("with s as (select * from plugin_secret) select * from s")
+                self.assertEqual(conn.execute("select 6 * 7 as pypy_logged").fetchone()[0], 42)
+            out = child.output()
+            self.assertIn("[pool: pgcat_test][user: pgcat_md5] select 6 * 7 as pypy_logged", out)
+            self.assert_no_traceback(out)
 
         return in_thread(run)
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-__all__ = ["GENERAL", "POOL", "USER", "MESSAGE", "section_warnings", "plugin_warnings"]
+__all__ = ["GENERAL", "POOL", "USER", "MESSAGE", "section_warnings"]
 
 MESSAGE = "accepted but not acted on in this release ({what})"
 
@@ -76,11 +76,3 @@ def section_warnings(table: _Table, values: dict, obj) -> list[tuple[str, str]]:
         if entry is not None and not entry[0](getattr(obj, key), obj):
             out.append((key, MESSAGE.format(what=entry[1])))
     return out
-
-
-def plugin_warnings(plugins) -> list[tuple[str, str]]:
-    """(plugin name, problem) for each enabled plugin of a plugins table."""
-    if plugins is None:
-        return []
-    return [(name, MESSAGE.format(what="the plugin does not run"))
-            for name, settings in plugins.items() if settings["enabled"]]

@@ -142,8 +142,6 @@ class _Parser:
         plugins = None
         if "plugins" in data:
             plugins = self.plugins(data["plugins"], "plugins")
-            for name, problem in inactive.plugin_warnings(plugins):
-                self.warn(_key("plugins", name), problem)
         pools = []
         for name, raw in self.table(data.get("pools", {}), "pools").items():
             pools.append(self.pool(name, raw, general))
@@ -260,7 +258,6 @@ class _Parser:
         shards = self.shards(table, keypath)
         pool = Pool(name=name, users=users, shards=shards, plugins=plugins, **values)
         self.not_acted_on(keypath, inactive.POOL, values, pool)
-        self.pool_warnings(pool, keypath)
 
         if pool.query_parser_read_write_splitting and not pool.query_parser_enabled:
             self.fail(
@@ -298,11 +295,6 @@ class _Parser:
             functions.user_list(pool.query_parser_read_only_functions)
         except ValueError as e:
             self.fail(_key(keypath, "query_parser_read_only_functions"), str(e))
-
-    def pool_warnings(self, pool: Pool, keypath: str):
-        """Pool plugins: accepted, not acted on."""
-        for name, problem in inactive.plugin_warnings(pool.plugins):
-            self.warn(_key(keypath, "plugins", name), problem)
 
     def users(self, table: dict, keypath: str, auth_query: bool) -> tuple[User, ...]:
         keypath = _key(keypath, "users")

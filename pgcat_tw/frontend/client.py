@@ -37,6 +37,7 @@ from pgcat_tw.frontend.commands import MAYBE_COMMAND, Commands, whole_query
 from pgcat_tw.frontend.limits import ClientLimits
 from pgcat_tw.frontend.routing import AUTO, Routing
 from pgcat_tw.frontend.login import Login
+from pgcat_tw.frontend.plugins import PluginHooks
 from pgcat_tw.frontend.startup import Startup, check_alpn
 from pgcat_tw.pool import Waiter
 from pgcat_tw.prepared import Rewriter, ServerStatements
@@ -84,7 +85,7 @@ class ClientFactory(Factory):
 
 
 @implementer(IBoundClient)
-class ClientProtocol(Checkout, Commands, Routing, Protocol):
+class ClientProtocol(Checkout, Commands, Routing, PluginHooks, Protocol):
     peer = None
     shard = 0                 # shard of the next transaction (set by sharding)
     tls_direct = False        # the connection began with a TLS ClientHello
@@ -122,6 +123,7 @@ class ClientProtocol(Checkout, Commands, Routing, Protocol):
         self._waiter = None           # the one Waiter this client queues with
         self._wait_epoch = -1         # the balancer epoch its pool was chosen under
         self._checking_out = False
+        self._entry = None            # the work phase's dataReceived (see _enter_work_phase)
         self.role = "any"
         self.primary_reads = False
         # Chunks sent to the current server since it was bound (transaction
@@ -232,9 +234,11 @@ class ClientProtocol(Checkout, Commands, Routing, Protocol):
         self.scanner = ClientScanner(self.factory.get_cluster().config.general.max_packet_size)
         self.scanner.params = params
         self._waiter = Waiter(self._got_server, self._checkout_failed, 0.0)
-        self.dataReceived = self._work_data
+        # The work phase's entry: _work_data, or the plugins' hook before
+        # it for pools whose plugins inspect queries (PluginHooks).
+        self._entry = self.dataReceived = self._work_entry()
         if rest:
-            self._work_data(rest)
+            self._entry(rest)
 
     # --- work phase ---------------------------------------------------------------------
 

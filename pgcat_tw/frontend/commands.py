@@ -68,6 +68,7 @@ class Commands:
     """Part of ClientProtocol: the SQL the pooler answers itself."""
 
     _discard_until_sync = None  # a _SyncFinder while skipping to Sync after an error
+    _skip_ready = m.READY_IDLE  # the ReadyForQuery that ends the skip
 
     def _answer_between_transactions(self, data):
         """One whole simple Query, no server bound, nothing held: answer it
@@ -250,10 +251,11 @@ class Commands:
             return
         self._skip_to_sync(err, data)
 
-    def _skip_to_sync(self, err, data):
+    def _skip_to_sync(self, err, data, ready=m.READY_IDLE):
         """Like PostgreSQL after an error in an extended-protocol request:
         answer ``err``, then skip every message up to the next Sync (whose
-        ReadyForQuery the pooler sends)."""
+        ReadyForQuery, ``ready``, the pooler sends)."""
+        self._skip_ready = ready
         sc = self.scanner
         self.transport.write(err.to_message())
         sc.pending = 0
@@ -274,10 +276,10 @@ class Commands:
             return
         rest = data[finder.sync_end:]
         self._discard_until_sync = None
-        self.dataReceived = self._work_data
-        self.transport.write(m.READY_IDLE)
+        self.dataReceived = self._entry
+        self.transport.write(self._skip_ready)
         if rest:
-            self._work_data(rest)
+            self._entry(rest)
 
     # --- after an idle-in-transaction timeout -------------------------------------------
 
@@ -326,9 +328,9 @@ class Commands:
                 if self._aborted_message(t, body):
                     rest = buf.take_rest()
                     self._aborted = None
-                    self.dataReceived = self._work_data
+                    self.dataReceived = self._entry
                     if rest:
-                        self._work_data(rest)
+                        self._entry(rest)
                     return
         except FramingError as e:
             self._protocol_error(e)
