@@ -102,6 +102,8 @@ class Mirror:
 
     def write(self, data):
         """Send ``data`` if the mirror can take it, else queue or drop it."""
+        if self.closed:
+            return
         stats = self.stats
         conn = self.conn
         if conn is not None:
@@ -168,11 +170,29 @@ class MirrorSet:
                                        keepalive=up.keepalive, tls=up.tls)
             mirrors.append(Mirror(self.reactor, st, connect))
         conn.mirrors = mirrors
-        conn.writer = mirrored_writer(conn.writer, mirrors)
+        plain = getattr(conn, "unmirrored_writer", None) or conn.writer
+        conn.unmirrored_writer = plain
+        conn.writer = mirrored_writer(plain, mirrors)
 
     @staticmethod
     def detach(conn):
-        """The main connection is gone: its mirrors go too."""
+        """The main connection is gone, or its mirrors changed on a reload:
+        its mirrors go, and it gets its plain writer back."""
         for m in getattr(conn, "mirrors", ()):
             m.close()
         conn.mirrors = ()
+        plain = getattr(conn, "unmirrored_writer", None)
+        if plain is not None:
+            conn.writer = plain
+
+    @staticmethod
+    def replace(connections, mirror_set, database):
+        """A reload changed an address's mirrors: its existing connections
+        drop their mirrors and get the new set's (``mirror_set``, or None
+        for none). A client inside a transaction keeps the writer it was
+        bound with until the transaction ends (its old mirrors drop what
+        it still sends)."""
+        for conn in connections:
+            MirrorSet.detach(conn)
+            if mirror_set is not None:
+                mirror_set.attach(conn, database)

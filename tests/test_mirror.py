@@ -69,6 +69,51 @@ class MirrorTests(unittest.TestCase):
         self.assertEqual((stats.dropped, stats.connected >= 1), (0, True))
 
     @defer.inlineCallbacks
+    def test_reload_adds_and_removes_the_mirror_of_live_connections(self):
+        """The same client (its server connection kept by the pool) is
+        mirrored after a reload adds the mirror, and no longer after one
+        removes it."""
+        import os
+        from tests.test_reload import FilePooler
+        path = os.path.abspath(self.mktemp()) + ".toml"
+        plain = pooler_toml(free_port(), [(self.primary.port, "primary")], pool_size=1)
+        self.pooler = yield FilePooler(path, plain).start()
+        self.addCleanup(self.pooler.stop)
+        conn = yield in_thread(psycopg.connect, self.pooler.dsn(), autocommit=True,
+                               prepare_threshold=None)
+        self.addCleanup(conn.close)
+
+        def insert(tag, n):
+            for i in range(n):
+                conn.execute("insert into mirrored (tag, i) values (%s, %s)", (tag, i))
+
+        def reload(text):
+            self.pooler.write(text)
+            self.assertIsNone(self.pooler.service.reload_problem())
+
+        yield in_thread(insert, "before", 20)
+        pool = self.pooler.cluster.user_pools[(DB, USER)].address_pools[0]
+        (server,) = list(pool.idle)
+        mirrored = plain.rstrip("\n") + f'\nmirrors = [["127.0.0.1", {self.mirror.port}, 0]]\n'
+        reload(mirrored)
+        yield in_thread(insert, "during", 50)
+        self.assertEqual(list(pool.idle), [server])      # the same server connection
+        yield wait_for(lambda: pool.mirrors.stats[0].sent >= 50, 10, "mirrored chunks")
+        for _ in range(100):
+            if (yield self.count(self.mirror, "during")) == 50:
+                break
+            yield sleep(0.1)
+        self.assertEqual((yield self.count(self.mirror, "during")), 50)
+        reload(plain)
+        self.assertIsNone(pool.mirrors)
+        yield in_thread(insert, "after", 20)
+        yield sleep(0.3)
+        self.assertEqual((yield self.count(self.mirror, "before")), 0)
+        self.assertEqual((yield self.count(self.mirror, "after")), 0)
+        self.assertEqual((yield self.count(self.primary, "after")), 20)
+        self.assertEqual(server.mirrors, ())
+
+    @defer.inlineCallbacks
     def test_unreachable_mirror_loses_nothing(self):
         yield self.start(free_port())   # nothing listens there
         yield in_thread(insert_rows, self.pooler, 300, "down")
