@@ -32,6 +32,7 @@ log = Logger()
 QUEUE_LIMIT = 1 << 20    # bytes queued per mirror while it cannot take them
 RETRY = 1.0              # seconds before a failed mirror connection is retried
 WRITE_LIMIT = 1 << 20    # bytes buffered in a mirror's transport before chunks are dropped
+READ_INTERVAL = 0.02     # seconds between reads of a mirror's (dropped) answers
 
 
 class MirrorStats:
@@ -59,6 +60,7 @@ class Mirror:
         self.queued = 0
         self.closed = False
         self._retry = None
+        self._resume = None          # the DelayedCall that reads the answers again
         self._start()
 
     def _start(self):
@@ -74,7 +76,7 @@ class Mirror:
             return
         self.conn = conn
         self.stats.connected += 1
-        conn.dataReceived = _drop           # answers are read and dropped
+        conn.dataReceived = self._answers   # answers are read and dropped
         lost = conn.connectionLost
 
         def connection_lost(reason, lost=lost, conn=conn):
@@ -84,6 +86,24 @@ class Mirror:
         queue, self.queue, self.queued = self.queue, deque(), 0
         for data in queue:
             self.write(data)
+
+    def _answers(self, data):
+        """Answers are dropped. Read one by one they would cost the pooler
+        a wakeup and a read per statement: the mirror's socket is read
+        every READ_INTERVAL instead, its kernel buffer holding what comes
+        in between (PostgreSQL only stops when that buffer is full)."""
+        conn = self.conn
+        if conn is None or conn.transport is None:
+            return
+        conn.transport.pauseProducing()
+        if self._resume is None:
+            self._resume = self.reactor.callLater(READ_INTERVAL, self._read_again)
+
+    def _read_again(self):
+        self._resume = None
+        conn = self.conn
+        if conn is not None and conn.transport is not None:
+            conn.transport.resumeProducing()
 
     def _failed(self, failure):
         self.stats.failures += 1
@@ -112,7 +132,10 @@ class Mirror:
                 buffered = len(getattr(t, "dataBuffer", b"")) + sum(
                     map(len, getattr(t, "_tempDataBuffer", ())))
                 if buffered <= WRITE_LIMIT:
-                    t.write(data)
+                    # The server connection's own writer: sent at once when
+                    # nothing is buffered (no writer registration per
+                    # chunk); no peer, so the client is never paused for it.
+                    conn.writer(t, data, None)
                     stats.sent += 1
                     stats.sent_bytes += len(data)
                     return
@@ -128,15 +151,14 @@ class Mirror:
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         self._retry = None
+        if self._resume is not None and self._resume.active():
+            self._resume.cancel()
+        self._resume = None
         self.queue.clear()
         if self.conn is not None:
             conn, self.conn = self.conn, None
             self.stats.connected -= 1
             conn.close()
-
-
-def _drop(data):
-    pass
 
 
 def mirrored_writer(write, mirrors):
