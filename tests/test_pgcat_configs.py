@@ -380,8 +380,7 @@ class NotActedOnTests(SynchronousTestCase):
                          ["general.dns_cache_enabled", "general.dns_max_ttl"])
 
     def test_pool(self):
-        warned = {"cleanup_server_connections": False,
-                  "log_client_parameter_status_changes": True,
+        warned = {"log_client_parameter_status_changes": True,
                   "db_activity_based_routing": True, "db_activity_init_delay": 5,
                   "db_activity_ttl": 5, "table_mutation_cache_ms_ttl": 5}
         self.assertEqual(self.warned(pool_keys=warned),
@@ -391,6 +390,8 @@ class NotActedOnTests(SynchronousTestCase):
                  "db_activity_based_routing": False, "db_activity_init_delay": 5,
                  "db_activity_ttl": 5, "table_mutation_cache_ms_ttl": 5}
         self.assertEqual(self.warned(pool_keys=inert), [])
+        # Acted on (frontend: no reset between clients when false).
+        self.assertEqual(self.warned(pool_keys={"cleanup_server_connections": False}), [])
 
     def test_router_keys_are_acted_on(self):
         """The query parser's, sharding's and comment hints' keys, and shards

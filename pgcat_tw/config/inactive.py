@@ -54,8 +54,6 @@ GENERAL: _Table = {
 # The router (query parser, read/write splitting, sharding, comment hints)
 # acts on its keys: none of them is here.
 POOL: _Table = {
-    "cleanup_server_connections": (lambda v, p: v is True,
-                                   "servers are always reset between clients"),
     "log_client_parameter_status_changes": (_false, "ParameterStatus changes are not logged"),
     "db_activity_based_routing": (_false, _ACTIVITY),
     "db_activity_init_delay": (_activity_off, _ACTIVITY),

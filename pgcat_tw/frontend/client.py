@@ -491,7 +491,11 @@ class ClientProtocol(Checkout, Commands, Routing, PluginHooks, Protocol):
     def _needs_reset(self, server):
         """Does the session state on ``server`` need a reset before its next
         client? (Session mode always; transaction mode when the client left
-        SET/PREPARE/LISTEN/DECLARE behind, or a named Parse without a cache.)"""
+        SET/PREPARE/LISTEN/DECLARE behind, or a named Parse without a cache;
+        never with PgCat's ``cleanup_server_connections = false``: open
+        transactions are still rolled back, and half-read servers closed.)"""
+        if not self.user_pool.pool_cfg.cleanup_server_connections:
+            return False
         return server.scanner.dirty or not self.transaction_mode or (
             self.scanner.named_parse and self.rewriter is None)
 
