@@ -31,6 +31,7 @@ import struct
 from collections import OrderedDict, deque
 
 from pgcat_tw.protocol import codes
+from pgcat_tw.router import sql as sqlcmd
 
 _I16 = struct.Struct("!h")
 _I32 = struct.Struct("!i")
@@ -47,6 +48,8 @@ ACK_BIND = 4         # Bind: BindComplete passes
 ACK_CLOSE = 5        # client's Close: CloseComplete passes
 ACK_CLOSE_CUT = 6    # injected Close: CloseComplete is cut
 ACK_SYNC = 7         # Sync / Query / FunctionCall: ReadyForQuery
+ACK_BIND_CUT = 8     # injected Bind: BindComplete is cut
+ACK_NODATA_CUT = 9   # injected Describe: its NoData is cut (a RowDescription passes)
 
 _P = codes.F_PARSE
 _B = codes.F_BIND
@@ -55,6 +58,8 @@ _C = codes.F_CLOSE
 _Q = codes.F_QUERY
 _S = codes.F_SYNC
 _F = codes.F_FUNCTION_CALL
+_E = codes.F_EXECUTE
+_SYNC_MSG = b"S\x00\x00\x00\x04"
 _REWRITE = frozenset((_P, _B, _D, _C, _Q, _S, _F))
 
 
@@ -163,7 +168,14 @@ class Rewriter:
                     out.append(data[seg:pos])
                     self._tail = data[pos:]
                     return b"".join(out)
-                if t == _S or t == _Q or t == _F:
+                rep = None
+                if t == _Q and self.statements:
+                    rep = self._sql_execute(data, pos + 5, end, stmts)
+                if rep is not None:
+                    out.append(data[seg:pos])
+                    out.append(rep)
+                    seg = end
+                elif t == _S or t == _Q or t == _F:
                     acks.append((ACK_SYNC, None))
                 else:
                     rep = self._rewrite(t, data, pos + 5, end, stmts)
@@ -328,6 +340,48 @@ class Rewriter:
         return b"".join(reply)
 
     # --- SQL-level statements ---------------------------------------------------
+
+    def sql_prepare(self, name, statement, oids):
+        """SQL ``PREPARE name (types) AS statement``, mapped onto the shared
+        statement of that text and types (the same one a protocol-level
+        Parse of it gets): False if the client already has ``name``."""
+        if name in self.statements:
+            return False
+        types = _I16.pack(len(oids)) + b"".join(_I32.pack(o) for o in oids)
+        server_name = self.cache.name_for(statement, types)
+        self.statements[name] = ClientStatement(
+            server_name, _msg(_P, server_name + b"\x00" + statement + b"\x00" + types))
+        return True
+
+    def _sql_execute(self, buf, start, end, stmts):
+        """A Query that is one ``EXECUTE name(args)`` of a mapped statement:
+        the bytes to send instead (the shared statement prepared first if
+        this server lacks it, then the EXECUTE of its server name as an
+        unnamed extended-protocol statement whose ParseComplete,
+        BindComplete and NoData are cut: the client sees what a simple Query
+        gets), or None to send the Query as it is."""
+        if sqlcmd.EXECUTE_PREFIX.match(buf, start, end) is None:
+            return None
+        parts = sqlcmd.execute_parts(bytes(buf[start:end - 1]))
+        if parts is None:
+            return None
+        st = self.statements.get(parts[0])
+        if st is None:
+            return None
+        acks = stmts.acks
+        pieces = []
+        self._ensure(st, stmts, pieces)
+        sql = b'EXECUTE "' + st.server_name + b'"' + parts[1]
+        pieces.append(_msg(_P, b"\x00" + sql + b"\x00\x00\x00"))
+        acks.append((ACK_PARSE_CUT, None))
+        pieces.append(_msg(_B, b"\x00\x00" + b"\x00" * 6))
+        acks.append((ACK_BIND_CUT, None))
+        pieces.append(_msg(_D, b"P\x00"))
+        acks.append((ACK_NODATA_CUT, None))
+        pieces.append(_msg(_E, b"\x00" + b"\x00" * 4))
+        pieces.append(_SYNC_MSG)
+        acks.append((ACK_SYNC, None))
+        return b"".join(pieces)
 
     def deallocate(self, name):
         """DEALLOCATE name / ALL from the client's point of view."""

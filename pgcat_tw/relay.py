@@ -28,6 +28,8 @@ import types
 
 from pgcat_tw.prepared import (
     ACK_BIND,
+    ACK_BIND_CUT,
+    ACK_NODATA_CUT,
     ACK_CLOSE,
     ACK_CLOSE_CUT,
     ACK_PARSE,
@@ -121,6 +123,7 @@ _ERR = codes.B_ERROR
 _PARSE_DONE = codes.B_PARSE_COMPLETE
 _BIND_DONE = codes.B_BIND_COMPLETE
 _CLOSE_DONE = codes.B_CLOSE_COMPLETE
+_NO_DATA = codes.B_NO_DATA
 
 # ClientScanner.feed's branch per message type (its inline loop): one list
 # lookup instead of a chain of type comparisons. _A_OTHER: on_message.
@@ -148,7 +151,7 @@ SERVER_WANT = want_table({"Z": 1, "S": 0x7FFFFFFF, "C": 16, "G": 1, "E": 1})
 # With prepared statements: also the acknowledgements (ParseComplete,
 # BindComplete, CloseComplete) and enough of an error to read its SQLSTATE.
 SERVER_WANT_PREPARED = want_table({"Z": 1, "S": 0x7FFFFFFF, "C": 16, "G": 1, "E": 256,
-                                   "1": 1, "2": 1, "3": 1})
+                                   "1": 1, "2": 1, "3": 1, "n": 1})
 
 # CommandComplete tags that leave session state on a server connection,
 # by first byte (one set lookup for the common tags like SELECT/INSERT).
@@ -367,7 +370,7 @@ class ServerScanner(Scanner):
                 acks.clear()  # out of step: stop editing rather than guess
                 return
             cache = self.stmts.cache
-            if cache is not None:
+            if cache is not None and entry[1] is not None:
                 cache.confirmed.add(entry[1])
         elif t == _CLOSE_DONE:
             if kind == ACK_PARSE_FAKE:
@@ -376,6 +379,8 @@ class ServerScanner(Scanner):
                 self.edits.append((start - 5, None))
             elif kind != ACK_CLOSE:
                 acks.clear()
+        elif kind == ACK_BIND_CUT:
+            self.edits.append((start - 5, None))
         elif kind != ACK_BIND:
             acks.clear()
 
@@ -517,6 +522,13 @@ class ServerScanner(Scanner):
         elif t == _PARSE_DONE or t == _BIND_DONE or t == _CLOSE_DONE:
             if self.stmts is not None:
                 self._ack(t, start)
+        elif t == _NO_DATA:
+            # The NoData of a Describe the pooler injected (a mapped SQL
+            # EXECUTE, prepared.py): a simple Query's answer has none.
+            stmts = self.stmts
+            if stmts is not None and stmts.acks and stmts.acks[0][0] == ACK_NODATA_CUT:
+                stmts.acks.popleft()
+                self.edits.append((start - 5, None))
         else:  # CopyInResponse
             client = self.client
             if client is not None:

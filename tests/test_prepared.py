@@ -336,14 +336,79 @@ class SqlLevelTests(PreparedTestCase):
         return in_thread(go).addCallback(check)
 
     @defer.inlineCallbacks
+    def test_sql_prepare_across_transactions_mapped(self):
+        """With the cache on, SQL PREPARE/EXECUTE work across transactions
+        (each may land on another server): the client's name is mapped onto
+        the shared statement, prepared where it is missing; an EXECUTE's
+        answer is a simple Query's (no ParseComplete, BindComplete or
+        NoData reaches the client)."""
+        yield self.primary_sql("create table if not exists sql_prep_t (x int); "
+                               "truncate sql_prep_t; grant all on sql_prep_t to public")
+
+        def go():
+            out = {}
+            holder = psycopg.connect(self.pooler.dsn())   # keeps one server busy at times
+            with psycopg.connect(self.pooler.dsn(), autocommit=True) as conn, \
+                    psycopg.connect(self.pooler.dsn(), autocommit=True) as other:
+                pg = conn.pgconn
+                out["prepare"] = pg.exec_(b"PREPARE add_one (int) AS select $1 + 1 as n") \
+                    .command_status
+                out["ins"] = pg.exec_(b"prepare Ins AS insert into sql_prep_t values ($1)") \
+                    .command_status
+                results = []
+                for i in range(20):
+                    if i % 3 == 0:
+                        holder.execute("select 1")         # a transaction left open
+                    elif i % 3 == 2:
+                        holder.commit()
+                    r = pg.exec_(b"EXECUTE add_one(%d)" % i)
+                    results.append((r.status, r.ntuples and int(r.get_value(0, 0)),
+                                    r.fname(0)))
+                    tag = pg.exec_(b"execute ins(%d);" % i).command_status
+                holder.rollback()
+                out["results"] = results
+                out["tag"] = tag
+                out["bad"] = pg.exec_(b"EXECUTE add_one('x')").error_field(
+                    pq.DiagnosticField.SQLSTATE)
+                out["dup"] = pg.exec_(b"PREPARE add_one AS select 2").error_field(
+                    pq.DiagnosticField.SQLSTATE)
+                # Another client preparing the same text shares the statement.
+                other.pgconn.exec_(b"PREPARE mine (integer) AS select $1 + 1 as n")
+                out["other"] = other.execute("EXECUTE mine(1)", prepare=False).fetchone()[0]
+                out["dealloc"] = pg.exec_(b"DEALLOCATE add_one").command_status
+                out["gone"] = pg.exec_(b"EXECUTE add_one(1)").error_field(
+                    pq.DiagnosticField.SQLSTATE)
+                out["in_tx"] = None
+                with conn.transaction():
+                    out["in_tx"] = conn.execute("EXECUTE ins(100)", prepare=False).rowcount
+            holder.close()
+            return out
+
+        out = yield in_thread(go)
+        self.assertEqual((out["prepare"], out["ins"]), (b"PREPARE", b"PREPARE"))
+        self.assertEqual(out["results"],
+                         [(pq.ExecStatus.TUPLES_OK, i + 1, b"n") for i in range(20)])
+        self.assertEqual(out["tag"], b"INSERT 0 1")
+        self.assertEqual(out["bad"], b"22P02")
+        self.assertEqual(out["dup"], b"42P05")
+        self.assertEqual(out["other"], 2)
+        self.assertEqual((out["dealloc"], out["gone"]), (b"DEALLOCATE", b"26000"))
+        self.assertEqual(out["in_tx"], 1)
+        count = yield self.primary_sql("select count(*) from sql_prep_t")
+        self.assertEqual(count, "21")
+        shared = yield self.count_prepared("%$1 + 1%")
+        self.assertLessEqual(shared, 1)     # one statement per server, not one per client
+
+    @defer.inlineCallbacks
     def test_sql_prepare_refused_deallocate_answered(self):
         def go():
             with psycopg.connect(self.pooler.dsn(), autocommit=True) as conn:
                 out = []
                 try:
-                    conn.execute("PREPARE p1 AS select 1", prepare=False)
+                    # Not one PREPARE alone: cannot be mapped, refused.
+                    conn.execute("PREPARE p1 AS select 1; select 2", prepare=False)
                 except psycopg.Error as e:
-                    out.append((e.sqlstate, "prepared_statements_cache_size" in str(e.diag.message_hint)))
+                    out.append((e.sqlstate, "alone" in str(e.diag.message_hint)))
                 try:
                     conn.execute("EXECUTE p1", prepare=False)
                 except psycopg.Error as e:
@@ -366,7 +431,7 @@ class SqlLevelTests(PreparedTestCase):
                 out.append(conn.execute("select 5", prepare=False).fetchone()[0])
                 return out
         out = yield in_thread(go)
-        self.assertEqual(out, [("0A000", True), "0A000", (True, b"DEALLOCATE"), True,
+        self.assertEqual(out, [("0A000", True), "26000", (True, b"DEALLOCATE"), True,
                                b"DEALLOCATE ALL", b"DISCARD ALL", b"26000", 5])
 
 

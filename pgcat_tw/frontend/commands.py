@@ -2,9 +2,11 @@
 
 - PgCat's custom commands between transactions (reference §4.1):
   ``SET/SHOW SERVER ROLE``, ``SET/SHOW PRIMARY READS`` (router/custom.py).
-- Transaction mode: SQL-level ``PREPARE``/``EXECUTE`` refused (the statement
-  would meet another server later), ``DEALLOCATE`` answered for the client's
-  own statements when the pool shares prepared statements
+- Transaction mode: SQL-level ``PREPARE``/``EXECUTE`` refused without the
+  statement cache (the statement would meet another server later); with
+  it, ``PREPARE`` is answered here and maps the client's name onto the
+  shared statement of its text (``EXECUTE`` is rewritten on its way,
+  prepared.py); ``DEALLOCATE`` answered for the client's own statements
   (router/sql.py), ``DISCARD ALL`` also empties the client's view.
 - Transaction mode without a statement cache: a named Parse is refused
   like PostgreSQL refuses a bad message, and everything up to the next Sync
@@ -119,13 +121,22 @@ class Commands:
             # until it ends (and PREPARE marks it for a reset): the server
             # answers.
             return False
-        if kind in ("prepare", "execute"):
+        if kind == "execute" and self.rewriter is not None:
+            return False    # mapped onto a shared statement on its way (prepared.py)
+        reply = None
+        if kind == "prepare" and self.rewriter is not None:
+            reply = self._sql_prepare(bytes(data[5:-1]))
+        if reply is not None:
+            pass
+        elif kind in ("prepare", "execute"):
             err = PgError(
                 f"SQL {kind.upper()} is not supported in transaction pooling mode: the "
                 "statement would be prepared on one server connection and executed on "
                 "another",
                 sqlstate="0A000",
-                hint="use protocol-level prepared statements (enable "
+                hint="send PREPARE name AS statement alone in its Query (it is then mapped "
+                     "onto a shared statement)" if self.rewriter is not None else
+                     "use protocol-level prepared statements (enable "
                      "prepared_statements_cache_size for this pool) or session mode")
             reply = err.to_message()
         elif self.rewriter is None:
@@ -136,6 +147,27 @@ class Commands:
         sc.pending -= 1
         self.transport.write(reply + m.ready_for_query(bytes((status,))))
         return True
+
+    def _sql_prepare(self, text):
+        """SQL PREPARE between transactions with the statement cache on:
+        the client's name is mapped onto the shared statement of that text
+        (prepared on a server at its first EXECUTE there). -> the reply, or
+        None to let the server answer."""
+        parts = sqlcmd.prepare_parts(text)
+        if parts is None:
+            return None
+        if isinstance(parts, str):
+            return PgError(
+                f"SQL PREPARE with {parts} is not supported in transaction pooling mode "
+                "(the pooler maps PREPARE onto shared statements for the common types)",
+                sqlstate="0A000",
+                hint="declare a common type, leave the type out, or use "
+                     "protocol-level prepared statements").to_message()
+        name, oids, statement = parts
+        if not self.rewriter.sql_prepare(name, statement, oids):
+            return PgError(f'prepared statement "{name.decode("utf-8", "replace")}" '
+                           "already exists", sqlstate="42P05").to_message()
+        return m.command_complete("PREPARE")
 
     def _custom_answer(self, cmd, arg):
         """The reply to one custom command, or its ErrorResponse."""
