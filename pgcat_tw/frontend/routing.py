@@ -64,6 +64,42 @@ def requests(data):
     return out
 
 
+_Q, _P = codes.F_QUERY, codes.F_PARSE
+_FOLLOW_PARSE = frozenset(b"BDESH")   # what may follow an unnamed Parse in the fast shape
+
+
+def _single_request(data):
+    """The SQL of ``data`` when it is one whole Query, or one unnamed Parse
+    followed only by Bind (of the unnamed statement), Describe, Execute,
+    Sync or Flush: bytes; else None (the general walk decides)."""
+    n = len(data)
+    if n < 6:
+        return None
+    t, ln = _unpack_header(data, 0)
+    end = 1 + ln
+    if t == _Q:
+        return data[5:-1] if end == n and ln > 4 else None
+    if t != _P or data[5] != 0 or end > n:
+        return None
+    stop = data.find(b"\0", 6, end)
+    if stop < 0:
+        return None
+    pos = end
+    while pos < n:
+        if pos + 5 > n:
+            return None
+        t, ln = _unpack_header(data, pos)
+        nxt = pos + 1 + ln
+        if t not in _FOLLOW_PARSE or ln < 4 or nxt > n:
+            return None
+        if t == 66:     # Bind: its statement must be the unnamed one
+            cut = data.find(b"\0", pos + 5, nxt)
+            if cut < 0 or cut + 1 >= nxt or data[cut + 1] != 0:
+                return None
+        pos = nxt
+    return data[6:stop]
+
+
 class Routing:
     """Part of ClientProtocol: the route of each transaction."""
 
@@ -86,6 +122,22 @@ class Routing:
     def _decide(self, data, router):
         setting = self.role_setting
         parse = router.splitting and setting == AUTO
+        if router.hints is None and not router.auto_key:
+            # No text picks the shard: the parser only decides the role, and
+            # the usual shapes (one Query; one unnamed Parse with its Bind,
+            # Describe, Execute, Sync) skip the general walk.
+            shard = self.shard_setting
+            if shard is None and type(router.default_shard) is int:
+                shard = router.default_shard        # (the usual case, inline)
+            else:
+                shard = self._settled_shard(shard, router)
+            if not parse:
+                return shard, setting if setting != AUTO else "any"
+            found = _single_request(data)
+            if found is not None:
+                inference = router.classifier.classify(found)
+                return shard, "primary" if inference.role == "primary" \
+                    or shard not in router.replicated else "replica"
         need = parse or router.auto_key
         shard = None
         known = 0            # requests whose inference is known
@@ -117,12 +169,7 @@ class Routing:
             known += 1
             if found.role == "primary":
                 doubtful = True
-        if shard is None:
-            shard = self.shard_setting
-            if shard == ANY_SHARD:
-                shard = random.randrange(router.shards)
-        if shard is None:
-            shard = self._default_shard(router)
+        shard = self._settled_shard(shard, router)
         if parse:
             # Anything that writes, or that could not be classified, goes to
             # the primary; so do reads on a shard without replicas.
@@ -131,6 +178,16 @@ class Routing:
         else:
             role = setting if setting != AUTO else "any"
         return shard, role
+
+    def _settled_shard(self, shard, router):
+        """``shard`` (from the text), else SET SHARD's, else the default."""
+        if shard is None:
+            shard = self.shard_setting
+            if shard == ANY_SHARD:
+                shard = random.randrange(router.shards)
+        if shard is None:
+            shard = self._default_shard(router)
+        return shard
 
     def _default_shard(self, router):
         d = router.default_shard

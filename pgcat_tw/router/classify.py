@@ -40,6 +40,9 @@ _LITERAL = re.compile(
     rb"|[0-9](?<![A-Za-z0-9_\x80-\xff][0-9])[0-9]*(?![A-Za-z0-9_\x80-\xff])")  # a number: 0
 
 
+_NUMBER = re.compile(rb"[0-9](?<![A-Za-z0-9_\x80-\xff][0-9])[0-9]*(?![A-Za-z0-9_\x80-\xff])")
+
+
 def _blank(mo):
     token = mo.group()
     first = token[0]
@@ -55,6 +58,8 @@ def normalize(text):
     if (b"\\" in text or b"$" in text or b"--" in text or b"/*" in text
             or (b"&" in text and _UESCAPE.search(text))):
         return None
+    if b"'" not in text and b'"' not in text:
+        return _NUMBER.sub(b"0", text)    # numbers only: no callback per match
     return _LITERAL.sub(_blank, text)
 
 
@@ -107,10 +112,14 @@ class Classifier:
         norm = normalize(text) if self.normalizing else None
         if norm is not None and norm != text:
             key = b"\0" + norm
-            found = self.current.get(key) or self.old.get(key)
+            found = self.current.get(key)
             if found is not None:
                 self.hits += 1
-                self._store(key, found)
+                return found
+            found = self.old.get(key)
+            if found is not None:
+                self.hits += 1
+                self._store(key, found)     # back into the current generation
                 return found
         else:
             key = text
