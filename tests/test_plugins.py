@@ -223,6 +223,12 @@ class PluginTests(PoolerTestCase):
                     msgs, _ = read_messages(sock)
                     assert msgs[0][0] == b"E", msgs
                     assert error_fields(msgs[0][1])["C"] == "42501", msgs
+                # A refused Query and a good one in one write: both answered, in order.
+                sock.sendall(q + raw.query_msg("select 7"))
+                msgs, _ = read_messages(sock)
+                assert [t for t, _ in msgs] == [b"E", b"Z"], msgs
+                msgs, _ = read_messages(sock)
+                assert raw.data_rows(msgs) == [["7"]], msgs
                 name = PROBE.encode()
                 group = (b"P" + (len(name) + 8).to_bytes(4, "big") + b"\0" + name + b"\0\0\0"
                          + b"B\0\0\0\x0c\0\0\0\0\0\0\0\0" + b"E\0\0\0\x09\0\0\0\0\0"

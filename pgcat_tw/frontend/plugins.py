@@ -228,7 +228,7 @@ class PluginHooks:
                 self.transport.write(err.to_message() + self._ready())
                 rest = data[end:]
                 if rest:
-                    self._plugin_data(rest)
+                    self._entry(rest)
                 return True
             self._skip_to_sync(err, data, self._ready())
             return True
