@@ -13,7 +13,8 @@ by the transactions processed:
     --tool=callgrind --instr-atstart=no``; instrumentation switched on with
     ``callgrind_control -i on`` after the warm-up, dumped after the run).
 ``cprofile``
-    Python function calls (pgcat_tw on CPython: ``bench/_profiled_twistd.py``
+    Python function calls (pgcat_tw and, with ``--parser``, pgcat_tw_parser
+    on CPython: ``bench/_profiled_twistd.py``
     runs twistd with a cProfile switched on and dumped by signals), the total
     and the most called functions.
 
@@ -39,6 +40,8 @@ import pgbench_compare as pc  # noqa: E402
 
 TOOLS = ("strace", "callgrind", "cprofile")
 PROFILED = os.path.join(pc.BENCH_DIR, "_profiled_twistd.py")
+# the targets whose pooler runs on CPython (cProfile)
+CPYTHON_TARGETS = ("pgcat_tw", "pgcat_tw_parser")
 
 
 def pgbench(target, clients, transactions=None, duration=None):
@@ -163,7 +166,7 @@ def wrap_for(tool, args, workdir):
             return ["valgrind", "--tool=callgrind", "--instr-atstart=no",
                     "--smc-check=all", "--callgrind-out-file=%s/callgrind.out.%%p"
                     % target.count_dir] + argv
-        if tool == "cprofile" and target.name == "pgcat_tw":
+        if tool == "cprofile" and target.base in CPYTHON_TARGETS:
             return [argv[0].replace("twistd", "python"), PROFILED,
                     os.path.join(target.count_dir, "cprofile.stats")] + argv[1:]
         return argv
@@ -171,7 +174,7 @@ def wrap_for(tool, args, workdir):
 
 
 def applicable(tool, name):
-    return tool != "cprofile" or name == "pgcat_tw"
+    return tool != "cprofile" or name.partition("@")[0] in CPYTHON_TARGETS
 
 
 def run_tool(tool, args):

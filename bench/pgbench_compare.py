@@ -39,6 +39,7 @@ from targets import (  # noqa: F401 (re-exported)
     Certificate,
     Postgres,
     find_pg_bin,
+    make_target,
 )
 
 RESULTS_DIR = os.path.join(BENCH_DIR, "results")
@@ -79,7 +80,7 @@ def pgbench_mode(target, mode):
 def target_db(target, mode):
     """The database a client connects to: mode "prepared" uses pgcat_tw's
     ``bench_prepared`` pool (shared prepared statements)."""
-    if mode == "prepared" and target.name in PGCAT_TARGETS:
+    if mode == "prepared" and target.pgcat:
         return DBNAME + "_prepared"
     return DBNAME
 
@@ -147,9 +148,40 @@ def summarize(runs, modes, clients_list, target_names):
     return summary
 
 
-def comparisons(summary, b="pgbouncer"):
+def comparison_pairs(names):
+    """(a, b) pairs to compare, in the order of ``names``: every pgcat_tw
+    target with PgBouncer; a *_parser target with the same one without the
+    parser (--parser); a target of a later --code version with the same one
+    of the first version."""
+    pairs = []
+    if "pgbouncer" in names:
+        pairs += [(a, "pgbouncer") for a in names if a.partition("@")[0] in PGCAT_TARGETS]
+    for a in names:
+        base, at, label = a.partition("@")
+        if base.endswith("_parser") and base[:-len("_parser")] + at + label in names:
+            pairs.append((a, base[:-len("_parser")] + at + label))
+    labels = []
+    for a in names:
+        label = a.partition("@")[2]
+        if label and label not in labels:
+            labels.append(label)
+    for label in labels[1:]:
+        for a in names:
+            base, _, lab = a.partition("@")
+            if lab == label and "%s@%s" % (base, labels[0]) in names:
+                pairs.append((a, "%s@%s" % (base, labels[0])))
+    return pairs
+
+
+def comparisons(summary, pairs=None):
+    if pairs is None:
+        names = []
+        for s in summary:
+            if s["target"] not in names:
+                names.append(s["target"])
+        pairs = comparison_pairs(names)
     out = []
-    for a in PGCAT_TARGETS:
+    for a, b in pairs:
         out += _comparisons(summary, a, b)
     return out
 
@@ -231,6 +263,24 @@ def csv_list(conv=str):
     return parse
 
 
+def code_versions(s):
+    """--code: {None: DIR} or {LABEL: DIR, ...} in the given order."""
+    items = [x.strip() for x in s.split(",") if x.strip()]
+    if len(items) == 1 and "=" not in items[0]:
+        versions = {None: items[0]}
+    else:
+        versions = {}
+        for item in items:
+            label, eq, d = item.partition("=")
+            if not eq or not label or not d or "@" in label or label in versions:
+                raise argparse.ArgumentTypeError("want DIR or LABEL=DIR,...: %r" % item)
+            versions[label] = d
+    for d in versions.values():
+        if not os.path.isdir(os.path.join(d, "pgcat_tw")):
+            raise argparse.ArgumentTypeError("no pgcat_tw package in %s" % d)
+    return versions
+
+
 def default_venv():
     local = os.path.join(REPO_DIR, ".venv")
     return local if os.path.exists(os.path.join(local, "bin", "twistd")) else "/work/venv"
@@ -279,6 +329,15 @@ def build_parser(description=__doc__.split("\n\n")[0], clients="1,64",
     p.add_argument("--tls", action="store_true",
                    help="clients use TLS (sslmode=require): PgBouncer, pgcat_tw and direct "
                         "Postgres serve one self-signed certificate made in the temp dir")
+    p.add_argument("--parser", action="store_true",
+                   help="for each pgcat_tw target also run <target>_parser: its pools have "
+                        "query_parser_enabled and query_parser_read_write_splitting on "
+                        "(one primary: every query still goes to it), in the same rounds")
+    p.add_argument("--code", type=code_versions, default=None,
+                   help="where pgcat_tw's code comes from (prepended to PYTHONPATH; the venvs "
+                        "may have a non-editable copy): DIR for one, or LABEL=DIR,... to run "
+                        "each pgcat_tw target once per version, named <target>@<label>, "
+                        "interleaved in the same rounds (default: this checkout)")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
     p.add_argument("--no-json", action="store_true",
                    help="do not write bench/results/<timestamp>.json")
@@ -289,16 +348,25 @@ def parse_args(argv=None, parser=None):
     p = parser or build_parser()
     args = p.parse_args(argv)
     if args.targets is None:
-        args.targets = [t for t in ALL_TARGETS
-                        if t != "pgcat_tw_pypy" or has_twistd(args.pypy_venv)]
+        args.targets = [t for t in ALL_TARGETS if not t.endswith("_parser")
+                        and (t != "pgcat_tw_pypy" or has_twistd(args.pypy_venv))]
     bad = [t for t in args.targets if t not in ALL_TARGETS]
     if bad:
         p.error("unknown target(s) %s; choose from %s" % (bad, ",".join(ALL_TARGETS)))
     bad = [m for m in args.modes if m not in ("simple", "extended", "prepared")]
     if bad:
         p.error("unknown mode(s) %s" % bad)
+    if getattr(args, "parser", False):
+        args.targets += [t + "_parser" for t in args.targets
+                         if t in ("pgcat_tw", "pgcat_tw_pypy")]
     # keep canonical order: direct, pgbouncer, pgcat_tw
     args.targets = [t for t in ALL_TARGETS if t in args.targets]
+    labels = [k for k in (getattr(args, "code", None) or {}) if k is not None]
+    if labels:
+        # each pgcat_tw target once per version, the versions side by side
+        args.targets = [t for t in args.targets if t not in PGCAT_TARGETS] + [
+            "%s@%s" % (t, label) for t in args.targets if t in PGCAT_TARGETS
+            for label in labels]
     return args
 
 
@@ -326,7 +394,7 @@ def environment(args):
         pg.start()
         pg.setup()
         for name in args.targets:
-            t = TARGET_CLASSES[name](workdir, pg, args)
+            t = make_target(name, workdir, pg, args)
             targets.append(t)
             t.start()
             t.check()
@@ -409,6 +477,7 @@ def save_json(args, targets, data, suffix=""):
         json.dump(dict({
             "timestamp": stamp,
             "tls_sessions": {t.name: t.tls_session for t in targets if t.tls_session},
+            "code": {t.name: t.code for t in targets if getattr(t, "code", None)},
             "host": {"node": platform.node(), "cpus": os.cpu_count(),
                      "python": platform.python_version(),
                      "pgcat_tw_interpreter": interps.get("pgcat_tw"),
@@ -433,6 +502,9 @@ def main(argv=None):
                      args.duration, args.pool_size, args.scale))
             for name, interp in interpreters(targets).items():
                 print("%s on %s" % (name, interp))
+            for t in targets:
+                if getattr(t, "code", None):
+                    print("%s: pgcat_tw from %s" % (t.name, t.code["pgcat_tw"]))
             for t in targets:
                 if t.tls_session:
                     print("%s: %s %s" % ((t.name,) + t.tls_session))

@@ -18,10 +18,14 @@ REPO_DIR = os.path.dirname(BENCH_DIR)
 USER = "bench"
 PASSWORD = "bench"
 DBNAME = "bench"
-ALL_TARGETS = ("direct", "pgbouncer", "pgcat_tw", "pgcat_tw_pypy")
+ALL_TARGETS = ("direct", "pgbouncer", "pgcat_tw", "pgcat_tw_pypy", "pgcat_tw_parser",
+               "pgcat_tw_pypy_parser")
 # pgcat_tw targets, each compared with PgBouncer: the --venv one and the
-# --pypy-venv one (bench/README.rst, "Interpreter").
-PGCAT_TARGETS = ("pgcat_tw", "pgcat_tw_pypy")
+# --pypy-venv one (bench/README.rst, "Interpreter"); the *_parser ones (only
+# when asked for with --targets) have the query parser and read/write
+# splitting on (one primary: every query still goes to it).
+PGCAT_TARGETS = ("pgcat_tw", "pgcat_tw_pypy", "pgcat_tw_parser", "pgcat_tw_pypy_parser")
+PARSER_POOL = "query_parser_enabled = true\nquery_parser_read_write_splitting = true\n"
 
 
 # ---------------------------------------------------------------------------
@@ -182,8 +186,10 @@ class Target:
 
     name = None
     host = "127.0.0.1"
+    pgcat = False  # a pgcat_tw target
 
     def __init__(self, workdir, pg, args):
+        self.base = type(self).name  # the name without a --code label
         self.workdir = workdir
         self.pg = pg
         self.args = args
@@ -325,10 +331,58 @@ class PgBouncerTarget(Target):
 
 
 class PgcatTwTarget(Target):
+    """pgcat_tw run by ``<venv>/bin/twistd`` from the code of ``code_dir``
+    (``--code``; default: this checkout): that directory comes first on
+    ``PYTHONPATH``, ahead of the venv's installed copy. With a label
+    (``--code LABEL=DIR,...``) the target is named ``<name>@<label>``."""
+
     name = "pgcat_tw"
+    pgcat = True
+    pool_extra = ""
+
+    def __init__(self, workdir, pg, args, code_dir=None, label=None):
+        super().__init__(workdir, pg, args)
+        self.code_dir = os.path.abspath(code_dir or REPO_DIR)
+        if label:
+            self.name = "%s@%s" % (self.base, label)
+        self.code = None  # where pgcat_tw was imported from (check_code)
 
     def venv(self):
         return self.args.venv
+
+    def pooler_env(self):
+        env = dict(os.environ)
+        # the code_dir's twisted/plugins and package first, ahead of whatever
+        # the venv has installed (a non-editable copy)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [self.code_dir] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        return env
+
+    def check_code(self, cwd):
+        """Which files the pooler's interpreter imports pgcat_tw and the
+        twistd plugin's module from, with the pooler's environment and
+        working directory; a BenchError unless under ``code_dir``."""
+        python = os.path.join(os.path.abspath(self.venv()), "bin", "python")
+        res = subprocess.run(
+            [python, "-c", "import pgcat_tw, pgcat_tw.tap; "
+             "print(pgcat_tw.__file__); print(pgcat_tw.tap.__file__)"],
+            env=self.pooler_env(), cwd=cwd, capture_output=True, text=True)
+        files = res.stdout.split()
+        if res.returncode != 0 or len(files) != 2:
+            raise BenchError("%s: cannot import pgcat_tw: %s" % (self.name, res.stderr))
+        root = os.path.realpath(self.code_dir) + os.sep
+        if not all(os.path.realpath(f).startswith(root) for f in files):
+            raise BenchError("%s: pgcat_tw comes from %s, not from %s"
+                             % (self.name, files, self.code_dir))
+        try:  # and the running pooler's own environment says the same
+            with open("/proc/%d/environ" % self.pid, "rb") as f:
+                env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+            pythonpath = env.get(b"PYTHONPATH", b"").decode()
+        except OSError:
+            pythonpath = "?"
+        self.code = {"dir": self.code_dir, "pgcat_tw": files[0], "tap": files[1],
+                     "PYTHONPATH": pythonpath}
+        log("%s imports %s (PYTHONPATH=%s)" % (self.name, files[0], pythonpath))
 
     def start(self):
         twistd = os.path.join(os.path.abspath(self.venv()), "bin", "twistd")
@@ -342,14 +396,11 @@ class PgcatTwTarget(Target):
             f.write(PGCAT_TOML.format(port=self.port, pool_size=self.args.pool_size,
                                       pg_port=self.pg.port, user=USER,
                                       password=PASSWORD, db=DBNAME,
+                                      pool_extra=self.pool_extra,
                                       round_robin=str(self.args.server_round_robin).lower(),
                                       tls=(PGCAT_TLS.format(cert=self.tls.cert, key=self.tls.key)
                                            if self.tls is not None else "")))
-        env = dict(os.environ)
-        # make the repo's twisted/plugins + package importable even when the
-        # venv does not have it installed
-        env["PYTHONPATH"] = os.pathsep.join(
-            [REPO_DIR] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        env = self.pooler_env()
         self.proc = ServerProcess(
             self.name, self.wrapped([twistd, "-n", "--pidfile=", "pgcat", "-c", toml]),
             os.path.join(d, "twistd.log"), env=env, cwd=d)
@@ -359,6 +410,7 @@ class PgcatTwTarget(Target):
         log("%s (pid %d) on port %d" % (self.name, self.pid, self.port))
         self.interpreter = pooler_interpreter(self.pid)
         log("%s runs on %s" % (self.name, self.interpreter))
+        self.check_code(d)
 
 
 class PgcatTwPyPyTarget(PgcatTwTarget):
@@ -396,7 +448,7 @@ server_round_robin = {round_robin}
 {tls}
 [pools.{db}]
 pool_mode = "transaction"
-
+{pool_extra}
 [pools.{db}.users.0]
 username = "{user}"
 password = "{password}"
@@ -412,7 +464,7 @@ servers = [["127.0.0.1", {pg_port}, "primary"]]
 [pools.{db}_prepared]
 pool_mode = "transaction"
 prepared_statements_cache_size = 500
-
+{pool_extra}
 [pools.{db}_prepared.users.0]
 username = "{user}"
 password = "{password}"
@@ -430,5 +482,27 @@ tls_certificate = "{cert}"
 tls_private_key = "{key}"
 """
 
+class PgcatTwParserTarget(PgcatTwTarget):
+    name = "pgcat_tw_parser"
+    pool_extra = PARSER_POOL
+
+
+class PgcatTwPyPyParserTarget(PgcatTwPyPyTarget):
+    name = "pgcat_tw_pypy_parser"
+    pool_extra = PARSER_POOL
+
+
 TARGET_CLASSES = {c.name: c for c in (DirectTarget, PgBouncerTarget, PgcatTwTarget,
-                                      PgcatTwPyPyTarget)}
+                                      PgcatTwPyPyTarget, PgcatTwParserTarget,
+                                      PgcatTwPyPyParserTarget)}
+
+
+def make_target(name, workdir, pg, args):
+    """The target of ``name`` (``<base>`` or ``<base>@<label>``, the label
+    one of ``args.code``'s versions)."""
+    base, _, label = name.partition("@")
+    cls = TARGET_CLASSES[base]
+    if not getattr(cls, "pgcat", False):
+        return cls(workdir, pg, args)
+    versions = dict(getattr(args, "code", None) or {})
+    return cls(workdir, pg, args, code_dir=versions.get(label or None), label=label or None)
