@@ -123,11 +123,10 @@ class Commands:
             return False
         if kind == "execute" and self.rewriter is not None:
             return False    # mapped onto a shared statement on its way (prepared.py)
-        reply = None
-        if kind == "prepare" and self.rewriter is not None:
-            reply = self._sql_prepare(bytes(data[5:-1]))
+        reply = self._sql_prepare(bytes(data[5:-1])) \
+            if kind == "prepare" and self.rewriter is not None else None
         if reply is not None:
-            pass
+            pass    # a mapped PREPARE's answer
         elif kind in ("prepare", "execute"):
             err = PgError(
                 f"SQL {kind.upper()} is not supported in transaction pooling mode: the "
