@@ -33,6 +33,17 @@ from pgcat_tw.cluster import Cluster  # noqa: E402
 from pgcat_tw.config import parse  # noqa: E402
 from pgcat_tw.frontend import ClientFactory, Session  # noqa: E402
 from pgcat_tw.protocol import messages as m  # noqa: E402
+from pgcat_tw.stats import EventClock  # noqa: E402
+
+# The service's statistics clock: under twistd the poll loop (fastpoll) sets
+# ``now`` once per poll round; here ``tick()`` does it once per event, its
+# time.time() call counted in (one event per round is what low concurrency
+# gives; more events share a round under load).
+CLOCK = EventClock(time.time())
+
+
+def tick(_clock=CLOCK, _time=time.time):
+    _clock.now = _time()
 
 CONFIG = """
 [general]
@@ -57,13 +68,14 @@ PARAMS = {"client_encoding": "UTF8", "DateStyle": "ISO, MDY", "TimeZone": "UTC",
 
 def build(n_clients=1):
     clock = task.Clock()
+    clock.advance(CLOCK.now)  # one time base, as under twistd (time.time)
     config, _ = parse(CONFIG)
-    cluster = Cluster(clock, config)
-    factory = ClientFactory(clock, lambda: cluster, CancelKeys())
+    cluster = Cluster(clock, config, clock=CLOCK)
+    factory = ClientFactory(clock, lambda: cluster, CancelKeys(), clock=CLOCK)
     up = cluster.user_pools[("db", "u")]
     pool = up.server_pool()
 
-    server = ServerConnection(clock, "127.0.0.1", 5432, "u", "p", "db")
+    server = ServerConnection(clock, "127.0.0.1", 5432, "u", "p", "db", clock=CLOCK)
     st = StringTransport()
     server.makeConnection(st)
     server.params.update(PARAMS)
@@ -116,7 +128,9 @@ def run(mode, seconds):
     batch = 2000
     while time.perf_counter() < deadline:
         for _ in range(batch):
+            tick()
             client.dataReceived(req)
+            tick()
             server.dataReceived(resp)
         n += batch
         st.clear()
@@ -145,9 +159,13 @@ def run_contended(mode, seconds):
     batch = 2000
     while time.perf_counter() < deadline:
         for _ in range(batch):
+            tick()
             b.dataReceived(req)    # b queues
+            tick()
             server.dataReceived(resp)  # a's answer: server goes to b
+            tick()
             a.dataReceived(req)    # a queues
+            tick()
             server.dataReceived(resp)  # b's answer: server goes to a
         n += 2 * batch
         st.clear()
@@ -180,10 +198,12 @@ def run_cold(mode, flush_kib, rounds=3, n=2000):
         for i in range(n):
             bytes(flush)
             t0 = clock()
+            tick()
             b.dataReceived(req)
             total += clock() - t0
             bytes(flush)
             t0 = clock()
+            tick()
             server.dataReceived(resp)
             total += clock() - t0
             if contended:

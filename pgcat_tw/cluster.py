@@ -59,8 +59,9 @@ class UserPool:
     dynamic = False         # a user found through auth_query, not listed
     password_learned = False  # server_password came from auth_query
 
-    def __init__(self, reactor, config, pool_cfg, user_cfg, login_gates=None):
+    def __init__(self, reactor, config, pool_cfg, user_cfg, login_gates=None, clock=None):
         self.reactor = reactor
+        self.clock = clock    # the service's stats.EventClock, or None
         self.login_gates = login_gates
         self.closed = False
         self.statement_cache = None
@@ -165,6 +166,8 @@ class UserPool:
             return d.addCallback(self._prewarm, pool)
 
         pool = ConnectionPool(self.reactor, "", connect, pool_size=1)
+        if self.clock is not None:
+            pool.clock = self.clock
 
         def new_connection(conn):
             self._capture_params(conn)
@@ -418,9 +421,8 @@ class Cluster:
 
     def _new_user_pool(self, pool_cfg, user_cfg, dynamic=False):
         up = UserPool(self.reactor, self.config, pool_cfg, user_cfg,
-                      login_gates=self.login_gates)
+                      login_gates=self.login_gates, clock=self.clock)
         up.tls = self.tls
-        up.clock = self.clock
         up.dynamic = dynamic
         return up
 

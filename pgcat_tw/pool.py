@@ -28,7 +28,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from pgcat_tw.errors import PoolTimeout, ServerConnectionFailed
-from pgcat_tw.stats import Averages, Totals
+from pgcat_tw.stats import Averages, LiveClock, Totals
 
 log = Logger()
 
@@ -84,6 +84,9 @@ class ConnectionPool:
                  connect_timeout=1.0, idle_timeout=600.0, server_lifetime=3600.0,
                  round_robin=True):
         self.reactor = reactor
+        # The time of the event being handled (the owner sets the service's
+        # stats.EventClock): waits and last use read it, not the reactor.
+        self.clock = LiveClock(reactor.seconds)
         self.name = name  # for messages, e.g. 'pool "app" user "bob" at 127.0.0.1:5432'
         self._connect = connect
         self.pool_size = pool_size
@@ -223,7 +226,7 @@ class ConnectionPool:
         """``wait`` with a caller-owned Waiter (a client reuses one for all
         its checkouts; it is in at most one queue at a time). Its wait
         begins now."""
-        w.since = now = self.reactor.seconds()
+        w.since = now = self.clock.now
         w.deadline = now + self.wait_timeout
         if w.urgent:
             return self._insert(w)
@@ -292,7 +295,7 @@ class ConnectionPool:
             waiters.popleft().ok(conn)  # stays in busy
             return
         if used:
-            conn.last_used = self.reactor.seconds()
+            conn.last_used = self.clock.now
         if self.server_lifetime and conn.last_used - conn.created_at >= self.server_lifetime:
             busy.discard(conn)
             conn.close()

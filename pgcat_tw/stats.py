@@ -54,7 +54,7 @@ class LiveClock:
 
 
 COUNTERS = ("xact_count", "query_count", "received", "sent", "xact_time", "query_time",
-            "wait_time", "wait_count", "errors", "login_count", "assignments")
+            "wait_time", "errors", "login_count", "assignments")
 
 
 class Totals:

@@ -86,6 +86,16 @@ class ClientFactory(Factory):
 
 @implementer(IBoundClient)
 class ClientProtocol(Checkout, Commands, Routing, PluginHooks, Protocol):
+    # The work phase's per-transaction attributes are slots (faster than
+    # instance-dict entries on CPython, see backend.ServerConnection); the
+    # rest, and the class-level defaults below, stay in the instance dict.
+    __slots__ = ("scanner", "server", "user_pool", "transaction_mode", "params",
+                 "_server_transport", "_write_server", "_held", "_held_len",
+                 "_paused_waiting", "_waiting", "_waiter", "_wait_epoch", "_checking_out",
+                 "role", "primary_reads", "request_chunks", "_request_bytes", "rewriter",
+                 "clock", "writer", "_closing", "draining", "transport", "connected",
+                 "session")
+
     peer = None
     shard = 0                 # shard of the next transaction (set by sharding)
     tls_direct = False        # the connection began with a TLS ClientHello
@@ -95,6 +105,8 @@ class ClientProtocol(Checkout, Commands, Routing, PluginHooks, Protocol):
 
     def __init__(self, factory):
         self.factory = factory
+        self.transport = None
+        self.connected = 0
         self.reactor = factory.reactor
         self.connected_at = self.reactor.seconds()
         self.user = None
@@ -133,9 +145,8 @@ class ClientProtocol(Checkout, Commands, Routing, PluginHooks, Protocol):
         self._request_bytes = 0
         self.rewriter = None          # prepared.Rewriter in transaction mode with a cache
         # Statistics: the time of the event being handled (stats.EventClock),
-        # the time it spent waiting for servers, an id for the admin console.
+        # an id for the admin console.
         self.clock = factory.clock
-        self.wait_time = 0.0
         self.id = next(_ids)
 
     # --- connection -----------------------------------------------------------
@@ -394,11 +405,7 @@ class ClientProtocol(Checkout, Commands, Routing, PluginHooks, Protocol):
         if self._waiting is not None:
             # It queued: its wait ends (stats; ``since`` is when it began).
             self._waiting = None
-            wait = now - self._waiter.since
-            self.wait_time += wait
-            totals = server.pool.totals
-            totals.wait_time += wait
-            totals.wait_count += 1
+            server.pool.totals.wait_time += now - self._waiter.since
         transport = self.transport
         if transport is None or self._closing or not transport.connected:
             server.pool.release(server)
@@ -509,7 +516,10 @@ class ClientProtocol(Checkout, Commands, Routing, PluginHooks, Protocol):
         ss = server.scanner
         ss.xact_time += self.clock.now - ss.bound_at
         server.unbind()
-        if self._needs_reset(server):
+        # _needs_reset, inline: every transaction ends here.
+        if (ss.dirty or not self.transaction_mode or (
+                self.scanner.named_parse and self.rewriter is None)) \
+                and self.user_pool.pool_cfg.cleanup_server_connections:
             self.scanner.named_parse = False
             server.reset_and_release([server.reset_query(self.transaction_mode)])
         else:
