@@ -154,9 +154,25 @@ SERVER_WANT_PREPARED = want_table({"Z": 1, "S": 0x7FFFFFFF, "C": 16, "G": 1, "E"
                                    "1": 1, "2": 1, "3": 1, "n": 1})
 
 # CommandComplete tags that leave session state on a server connection,
-# by first byte (one set lookup for the common tags like SELECT/INSERT).
-_DIRTY_TAGS = {ord("S"): b"SET", ord("P"): b"PREPARE", ord("L"): b"LISTEN",
-               ord("D"): b"DECLARE"}
+# by first byte (one set lookup for the common tags like SELECT/INSERT):
+# settings (SET, RESET), statements, notifications, cursors (WITH HOLD ones
+# outlive the transaction), a loaded library, and CREATE TABLE/VIEW/SEQUENCE
+# (they may be TEMP ones: the tag does not say).
+_DIRTY_TAGS = {ord("S"): (b"SET",), ord("P"): (b"PREPARE",), ord("L"): (b"LISTEN", b"LOAD"),
+               ord("D"): (b"DECLARE",), ord("R"): (b"RESET",),
+               ord("C"): (b"CREATE TABLE", b"CREATE VIEW", b"CREATE SEQUENCE")}
+# Tags with those first bytes that leave nothing (skipped without a call).
+_CLEAN_TAGS = (b"SELECT", b"COMMIT", b"COPY")
+
+
+def _tag_in(buf, start, end, tags):
+    """Is the CommandComplete tag at ``buf[start:end]`` one of ``tags``
+    (whole words: SET, not SETTINGS)?"""
+    for tag in tags:
+        if buf.startswith(tag, start) and (
+                end - start == len(tag) or buf[start + len(tag)] in (0, 32)):
+            return True
+    return False
 
 
 class ClientScanner(Scanner):
@@ -452,7 +468,7 @@ class ServerScanner(Scanner):
                         if client is not None:
                             client.xacts += 1
                 elif t == _CC and (data[hend] not in _DIRTY_TAGS
-                                   or data.startswith(b"SELECT", hend)):
+                                   or data.startswith(_CLEAN_TAGS, hend)):
                     pass  # SELECT, INSERT, ...: nothing to note
                 else:
                     pend = hend + w
@@ -493,9 +509,8 @@ class ServerScanner(Scanner):
                         break
         elif t == _CC:
             first = buf[start]
-            tag = _DIRTY_TAGS.get(first)
-            if tag is not None and buf.startswith(tag, start) \
-                    and (end - start == len(tag) or buf[start + len(tag)] in (0, 32)):
+            tags = _DIRTY_TAGS.get(first)
+            if tags is not None and _tag_in(buf, start, end, tags):
                 self.dirty = True
                 if first == 80:   # PREPARE
                     self.sql_prepared = True

@@ -55,7 +55,7 @@ class IdleInTransactionTests(PoolerTestCase):
     def test_rolled_back_and_client_usable(self):
         def go():
             with psycopg.connect(self.pooler.dsn(), prepare_threshold=None) as conn:
-                conn.execute("create temp table if not exists idle_t (x int)")
+                conn.execute("create table if not exists idle_t (x int)")
                 conn.commit()
                 conn.execute("insert into idle_t values (1)")
                 time.sleep(1.5)

@@ -22,6 +22,7 @@ The server connection calls this class only through ``backend.IBoundClient``.
 """
 
 import itertools
+import re
 import struct
 
 from twisted.internet.protocol import Factory, Protocol
@@ -52,6 +53,11 @@ log = Logger()
 LOGIN_TIMEOUT = 60.0     # seconds a client may take to log in (PgBouncer's default)
 HOLD_LIMIT = 65536       # bytes held for a waiting client before it is paused
 REQUEST_KEEP_LIMIT = 65536  # request bytes kept for a possible re-send (see request_chunks)
+# Session mode (ClientProtocol._watch): names in a client's (lower-cased)
+# text that may leave session state behind without a telling command tag;
+# a false hit (a column called "temperature") only costs a reset.
+STATEFUL_TEXT = re.compile(rb"advisory|set_config|temp|nextval|setval|dblink")
+WATCH_LIMIT = 16384
 _LEN = struct.Struct("!i")
 _ids = itertools.count(1)
 
@@ -94,7 +100,7 @@ class ClientProtocol(Checkout, Commands, Routing, PluginHooks, Protocol):
                  "_paused_waiting", "_waiting", "_waiter", "_wait_epoch", "_checking_out",
                  "role", "primary_reads", "request_chunks", "_request_bytes", "rewriter",
                  "clock", "writer", "_closing", "draining", "transport", "connected",
-                 "session")
+                 "session", "_watch_text", "_text_state")
 
     peer = None
     shard = 0                 # shard of the next transaction (set by sharding)
@@ -144,6 +150,10 @@ class ClientProtocol(Checkout, Commands, Routing, PluginHooks, Protocol):
         self.request_chunks = None
         self._request_bytes = 0
         self.rewriter = None          # prepared.Rewriter in transaction mode with a cache
+        # Session mode: the client's text is watched for state no command
+        # tag shows (_watch) until it is found (``_text_state``).
+        self._watch_text = False
+        self._text_state = False
         # Statistics: the time of the event being handled (stats.EventClock),
         # an id for the admin console.
         self.clock = factory.clock
@@ -236,6 +246,7 @@ class ClientProtocol(Checkout, Commands, Routing, PluginHooks, Protocol):
             else pool_cfg.default_role
         self.role = pool_cfg.default_role
         self.primary_reads = pool_cfg.primary_reads_enabled
+        self._watch_text = not self.transaction_mode
         if self.transaction_mode and up.statement_cache is not None:
             self.rewriter = Rewriter(up.statement_cache)
         params = session.params
@@ -258,6 +269,8 @@ class ClientProtocol(Checkout, Commands, Routing, PluginHooks, Protocol):
         # it, and each extra call costs, docs/architecture.rst rule 9).
         sc = self.scanner
         pending = sc.pending
+        if self._watch_text:
+            self._watch(data)
         try:
             sc.feed(data)
         except FramingError as e:
@@ -495,16 +508,33 @@ class ClientProtocol(Checkout, Commands, Routing, PluginHooks, Protocol):
             if out:
                 self._write_server(server.transport, out, self.transport)
 
+    def _watch(self, data):
+        """Session mode: does this chunk's text call something that keeps
+        state in the session without a telling command tag (an advisory
+        lock, set_config, a TEMP table made by CREATE TABLE AS or SELECT
+        INTO, a sequence's currval, a dblink connection)? Chunks over
+        WATCH_LIMIT (COPY data, huge statements) count as such unread.
+        Either way the session ends with a reset, and the watch stops."""
+        if len(data) > WATCH_LIMIT or STATEFUL_TEXT.search(data.lower()) is not None:
+            self._text_state = True
+            self._watch_text = False
+
     def _needs_reset(self, server):
         """Does the session state on ``server`` need a reset before its next
-        client? (Session mode always; transaction mode when the client left
-        SET/PREPARE/LISTEN/DECLARE behind, or a named Parse without a cache;
-        never with PgCat's ``cleanup_server_connections = false``: open
-        transactions are still rolled back, and half-read servers closed.)"""
+        client? PgCat's rule, in both modes: only when the client changed
+        state. That is a command tag that leaves some (relay._DIRTY_TAGS:
+        SET, RESET, PREPARE, LISTEN, DECLARE, LOAD, CREATE TABLE/VIEW/
+        SEQUENCE), a named Parse (without a statement cache in transaction
+        mode; in session mode always), or, in session mode, text ``_watch``
+        flagged. Never with ``cleanup_server_connections = false``: open
+        transactions are still rolled back, and half-read servers closed."""
         if not self.user_pool.pool_cfg.cleanup_server_connections:
             return False
-        return server.scanner.dirty or not self.transaction_mode or (
-            self.scanner.named_parse and self.rewriter is None)
+        if server.scanner.dirty:
+            return True
+        if self.transaction_mode:
+            return self.scanner.named_parse and self.rewriter is None
+        return self.scanner.named_parse or self._text_state
 
     def release_server(self, server):
         """IBoundClient: the bound server answered everything and is idle
